@@ -1,0 +1,57 @@
+# gpu-sandbox: node agents for GPU workloads in Kata Containers.
+# `make help` lists the targets.
+
+SHELL       := /usr/bin/env bash
+COMMANDS    := vfio-manager sandbox-device-plugin kata-manager
+VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
+PKG         := github.com/gpu-sandbox/gpu-sandbox
+LDFLAGS     := -s -w -X $(PKG)/internal/version.Version=$(VERSION)
+GO          ?= go
+GOFLAGS_BIN := -trimpath -ldflags '$(LDFLAGS)'
+
+# Every package of both modules of the workspace.
+PACKAGES    := ./... ./test/e2e/...
+
+.PHONY: all build test unit e2e bench lint demo images clean help
+
+all: build
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+build: $(patsubst cmd/%,bin/%,$(wildcard $(COMMANDS:%=cmd/%))) ## build the agents into bin/ (static, versioned)
+
+bin/%: FORCE
+	CGO_ENABLED=0 $(GO) build $(GOFLAGS_BIN) -o $@ ./cmd/$*
+	@if [ "$*" = vfio-manager ]; then ln -sf vfio-manager bin/vfio-manage; fi
+
+FORCE:
+
+test: ## run every test: unit, fake-node and real-component end-to-end tests
+	hack/install-test-deps.sh
+	$(GO) test -race -count=1 $(PACKAGES)
+
+unit: ## run the library and agent tests only (no outside programs)
+	$(GO) test -race -count=1 ./...
+
+e2e: ## run the end-to-end tests only
+	hack/install-test-deps.sh
+	$(GO) test -count=1 ./test/e2e/...
+
+bench: ## run the benchmarks
+	$(GO) test -run '^$$' -bench . -benchmem $(PACKAGES)
+
+lint: ## go vet, gofmt and staticcheck
+	$(GO) vet $(PACKAGES)
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt: $$out"; exit 1; fi
+	hack/tool.sh staticcheck $(PACKAGES)
+
+demo: ## run the main job on a simulated node and show what a user would see
+	$(GO) run ./test/e2e/cmd/demo
+
+images: ## build the three operand images with docker (not available yet)
+	@echo "images: the operand Dockerfiles are not written yet (see the issue on images and manifests)"
+
+clean: ## remove build outputs
+	rm -rf bin

@@ -1,0 +1,93 @@
+// Command vfio-manager binds NVIDIA GPUs, with their IOMMU group mates, to
+// vfio-pci and gives them back. Installed as vfio-manage it serves the GPU
+// Operator's "vfio-manage bind --all" unchanged.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/spf13/pflag"
+
+	"github.com/gpu-sandbox/gpu-sandbox/internal/cli"
+	"github.com/gpu-sandbox/gpu-sandbox/internal/vfiomanager"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
+)
+
+const usage = `Usage: %[1]s [flags] COMMAND
+
+Commands:
+  bind --all | --device-id BDF[,BDF...]    give devices and their IOMMU group mates to vfio
+  unbind --all | --device-id BDF[,BDF...]  give them back to the driver they had
+  status [--json]                          list the devices bind --all would touch
+  run                                      bind --all, mark ready, wait for SIGTERM, unbind`
+
+func main() {
+	os.Exit(cli.ExitCode(run()))
+}
+
+func run() error {
+	fs := cli.NewFlagSet(fmt.Sprintf(usage, filepath.Base(os.Args[0])))
+	var cfg vfiomanager.Config
+	var logFormat, logLevel string
+	fs.BoolVar(&cfg.All, "all", false, "act on every selected device")
+	fs.StringSliceVar(&cfg.DeviceIDs, "device-id", nil, "act on these PCI addresses (repeat or separate with commas)")
+	fs.BoolVar(&cfg.JSON, "json", false, "status: print JSON")
+	fs.StringVar(&cfg.HostRoot, "host-root", vfio.DefaultHostRoot, "host root file system (modules.alias, modprobe)")
+	fs.StringVar(&cfg.SysfsRoot, "sysfs-root", vfio.DefaultSysfsRoot, "sysfs mount")
+	fs.StringVar(&cfg.DevRoot, "dev-root", vfio.DefaultDevRoot, "/dev of the host")
+	fs.StringVar(&cfg.StateDir, "state-dir", vfio.DefaultStateDir, "where the drivers devices had before binding are recorded")
+	fs.StringVar(&cfg.ReadyFile, "ready-file", vfiomanager.DefaultReadyFile, "run: file written once every device is bound")
+	fs.StringVar(&cfg.Select, "select", vfio.DefaultSelect, "vendor[:device] hex ids to handle, comma separated; 10de means NVIDIA GPUs")
+	fs.BoolVar(&cfg.BindNVSwitches, "bind-nvswitches", false, "also bind NVIDIA NVSwitches")
+	fs.DurationVar(&cfg.Timeout, "timeout", vfio.DefaultTimeout, "how long one device may take to change driver")
+	fs.BoolVar(&cfg.DryRun, "dry-run", false, "report what would change and change nothing")
+	fs.BoolVar(&cfg.LoadModules, "load-modules", true, "load missing vfio drivers with the host's modprobe")
+	fs.StringVar(&cfg.PCIIDs, "pci-ids", "", "pci.ids file for device names (default: the system's, else built in)")
+	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	for flag, env := range map[string]string{
+		"all": "ALL", "device-id": "DEVICE_ID", "host-root": "HOST_ROOT", "sysfs-root": "SYSFS_ROOT",
+		"dev-root": "DEV_ROOT", "state-dir": "STATE_DIR", "ready-file": "READY_FILE", "select": "VFIO_SELECT",
+		"bind-nvswitches": "BIND_NVSWITCHES", "timeout": "VFIO_TIMEOUT", "dry-run": "DRY_RUN",
+		"load-modules": "LOAD_MODULES", "pci-ids": "PCI_IDS", "json": "JSON", "log-format": "LOG_FORMAT",
+		"log-level": "LOG_LEVEL",
+	} {
+		fs.Env(flag, env)
+	}
+	args, err := fs.Parse(os.Args[1:], os.LookupEnv)
+	if errors.Is(err, pflag.ErrHelp) {
+		return nil
+	}
+	if err != nil {
+		return report(err)
+	}
+	if len(args) > 1 {
+		return report(cli.Usagef("unexpected arguments %q", args[1:]))
+	}
+	if len(args) == 1 {
+		cfg.Command = args[0]
+	}
+	if cfg.Log, err = cli.NewLogger(os.Stderr, logFormat, logLevel); err != nil {
+		return report(err)
+	}
+	cfg.Out = os.Stdout
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	return report(vfiomanager.Run(ctx, cfg))
+}
+
+func report(err error) error {
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "%s: %v\n", os.Args[0], err)
+		if cli.ExitCode(err) == cli.ExitUsage {
+			fmt.Fprintf(os.Stderr, "Run '%s --help' for usage.\n", os.Args[0])
+		}
+	}
+	return err
+}

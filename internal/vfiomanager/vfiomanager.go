@@ -1,0 +1,296 @@
+// Package vfiomanager is the vfio-manager agent: it binds the node's GPUs to
+// VFIO for passthrough and gives them back.
+package vfiomanager
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/gpu-sandbox/gpu-sandbox/internal/atomicfile"
+	"github.com/gpu-sandbox/gpu-sandbox/internal/cli"
+	"github.com/gpu-sandbox/gpu-sandbox/internal/modprobe"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
+)
+
+// DefaultReadyFile is written by "run" once every group is bound.
+const DefaultReadyFile = "/run/nvidia/vfio-manager/ready"
+
+// Config is everything the agent takes from its flags and environment.
+type Config struct {
+	Command   string   // bind, unbind, status or run
+	All       bool     // every selected device
+	DeviceIDs []string // or these addresses
+	JSON      bool     // status as JSON
+
+	SysfsRoot      string
+	DevRoot        string
+	HostRoot       string
+	StateDir       string
+	ReadyFile      string
+	Select         string
+	BindNVSwitches bool
+	Timeout        time.Duration
+	DryRun         bool
+	LoadModules    bool
+	PCIIDs         string // pci.ids file; "" for the system's or the built-in one
+
+	Out io.Writer // results; logs go to Log
+	Log *logrus.Logger
+}
+
+// Run carries out one command. Errors caused by the caller are cli.UsageError.
+func Run(ctx context.Context, cfg Config) error {
+	sel, err := vfio.ParseSelector(cfg.Select, cfg.BindNVSwitches)
+	if err != nil {
+		return &cli.UsageError{Err: err}
+	}
+	switch cfg.Command {
+	case "bind", "unbind":
+		if cfg.All == (len(cfg.DeviceIDs) > 0) {
+			return cli.Usagef("%s: give either --all or --device-id", cfg.Command)
+		}
+	case "status", "run":
+		if len(cfg.DeviceIDs) > 0 {
+			return cli.Usagef("%s: --device-id does not apply; it works on every selected device", cfg.Command)
+		}
+	case "":
+		return cli.Usagef("no command: want bind, unbind, status or run")
+	default:
+		return cli.Usagef("unknown command %q: want bind, unbind, status or run", cfg.Command)
+	}
+	if cfg.Timeout <= 0 {
+		return cli.Usagef("--timeout %s: must be positive", cfg.Timeout)
+	}
+	opts := []vfio.Option{
+		vfio.WithSysfsRoot(cfg.SysfsRoot),
+		vfio.WithDevRoot(cfg.DevRoot),
+		vfio.WithHostRoot(cfg.HostRoot),
+		vfio.WithStateDir(cfg.StateDir),
+		vfio.WithTimeout(cfg.Timeout),
+		vfio.WithDryRun(cfg.DryRun),
+	}
+	if cfg.LoadModules {
+		opts = append(opts, vfio.WithModuleLoader(modprobe.New(cfg.HostRoot)))
+	}
+	a := &agent{cfg: cfg, log: cfg.Log, m: vfio.NewManager(opts...), sel: sel}
+
+	var addresses []string
+	if len(cfg.DeviceIDs) > 0 {
+		addresses = cfg.DeviceIDs
+	}
+	plan, err := a.plan(addresses)
+	if err != nil {
+		return err
+	}
+	switch cfg.Command {
+	case "bind":
+		_, err = a.bind(ctx, plan)
+		return err
+	case "unbind":
+		return a.unbind(plan)
+	case "status":
+		return a.status(plan)
+	}
+	return a.run(ctx, plan)
+}
+
+type agent struct {
+	cfg Config
+	log *logrus.Logger
+	m   *vfio.Manager
+	sel vfio.Selector
+}
+
+func (a *agent) plan(addresses []string) (*vfio.Plan, error) {
+	devices, err := a.m.Sysfs().Devices()
+	if devices == nil && err != nil {
+		return nil, err
+	}
+	if err != nil {
+		// One unreadable device must not stop the others.
+		for _, e := range unjoin(err) {
+			a.log.WithError(e).Warn("skipping a PCI device that cannot be read")
+		}
+	}
+	plan, err := vfio.NewPlan(devices, a.sel, addresses)
+	if err != nil {
+		if errors.Is(err, vfio.ErrInvalidAddress) || errors.Is(err, vfio.ErrDeviceNotFound) || errors.Is(err, vfio.ErrNotSelected) {
+			return nil, &cli.UsageError{Err: err}
+		}
+		return nil, err
+	}
+	return plan, nil
+}
+
+func (a *agent) bind(ctx context.Context, plan *vfio.Plan) (*vfio.Result, error) {
+	if len(plan.Groups) == 0 {
+		fmt.Fprintf(a.cfg.Out, "no device matches selector %s\n", a.sel)
+		return &vfio.Result{}, nil
+	}
+	res, err := a.m.Bind(ctx, plan)
+	if err != nil {
+		return nil, fmt.Errorf("bind: %w", err)
+	}
+	a.report("bind", res)
+	if err := res.Err(); err != nil {
+		return res, fmt.Errorf("bind: %s:\n%w", summary(res), err)
+	}
+	return res, nil
+}
+
+func (a *agent) unbind(plan *vfio.Plan) error {
+	// Unbinding runs to the end even when the agent is being stopped: a
+	// device left half-way helps nobody.
+	res := a.m.Unbind(context.Background(), plan)
+	a.report("unbind", res)
+	if err := res.Err(); err != nil {
+		return fmt.Errorf("unbind: %s:\n%w", summary(res), err)
+	}
+	return nil
+}
+
+func (a *agent) report(op string, res *vfio.Result) {
+	for _, o := range res.Outcomes {
+		entry := a.log.WithFields(logrus.Fields{
+			"device": o.Address, "group": o.Group, "role": o.Role, "from": o.From, "to": o.To,
+		})
+		switch {
+		case o.Err != nil:
+			entry.WithError(o.Err).Errorf("%s: %s", op, o.Action)
+		case o.Warning != "":
+			entry.Warnf("%s: %s: %s", op, o.Action, o.Warning)
+		default:
+			entry.Infof("%s: %s", op, o.Action)
+		}
+	}
+	fmt.Fprintf(a.cfg.Out, "%s: %s\n", op, summary(res))
+}
+
+func summary(res *vfio.Result) string {
+	var parts []string
+	for _, act := range []vfio.Action{vfio.ActionBound, vfio.ActionUnbound, vfio.ActionPlanned,
+		vfio.ActionUnchanged, vfio.ActionFailed, vfio.ActionSkipped} {
+		var addrs []string
+		for _, o := range res.Outcomes {
+			if o.Action == act {
+				addrs = append(addrs, o.Address)
+			}
+		}
+		if len(addrs) > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s (%s)", len(addrs), act, strings.Join(addrs, ", ")))
+		}
+	}
+	if len(parts) == 0 {
+		return "nothing to do"
+	}
+	return strings.Join(parts, "; ")
+}
+
+// statusEntry is one element of "status --json".
+type statusEntry struct {
+	Address    string `json:"address"`
+	Vendor     string `json:"vendor"`
+	Device     string `json:"device"`
+	Class      string `json:"class"`
+	Name       string `json:"name"`
+	Role       string `json:"role"`
+	Driver     string `json:"driver"`
+	IOMMUGroup int    `json:"iommuGroup"`
+	NUMANode   int    `json:"numaNode"`
+	VFIODevice string `json:"vfioDevice"`
+}
+
+func (a *agent) status(plan *vfio.Plan) error {
+	names := vfio.NewNames(a.cfg.PCIIDs)
+	entries := []statusEntry{}
+	for _, m := range plan.Members() {
+		e := statusEntry{
+			Address: m.Address, Vendor: fmt.Sprintf("%04x", m.Vendor), Device: fmt.Sprintf("%04x", m.Device.Device),
+			Class: fmt.Sprintf("0x%06x", m.Class), Name: names.Name(m.Vendor, m.Device.Device),
+			Role: string(m.Role), Driver: m.Driver, IOMMUGroup: m.IOMMUGroup, NUMANode: m.NUMANode,
+		}
+		if m.BoundToVFIO() && m.IOMMUGroup >= 0 {
+			// The node's name for the group, whatever root this agent reads /dev under.
+			e.VFIODevice = fmt.Sprintf("/dev/vfio/%d", m.IOMMUGroup)
+		}
+		entries = append(entries, e)
+	}
+	if a.cfg.JSON {
+		enc := json.NewEncoder(a.cfg.Out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(entries)
+	}
+	w := tabwriter.NewWriter(a.cfg.Out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "ADDRESS\tIDS\tROLE\tGROUP\tNUMA\tDRIVER\tVFIO\tNAME")
+	for _, e := range entries {
+		fmt.Fprintf(w, "%s\t%s:%s\t%s\t%d\t%d\t%s\t%s\t%s\n", e.Address, e.Vendor, e.Device, e.Role,
+			e.IOMMUGroup, e.NUMANode, orDash(e.Driver), orDash(e.VFIODevice), e.Name)
+	}
+	for _, g := range plan.Groups {
+		if g.Err != nil {
+			fmt.Fprintf(w, "\nwarning: %v\n", g.Err)
+		}
+	}
+	return w.Flush()
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// run binds, marks the agent ready, waits for ctx to end (SIGTERM), then
+// gives back what it bound.
+func (a *agent) run(ctx context.Context, plan *vfio.Plan) error {
+	res, err := a.bind(ctx, plan)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(a.cfg.ReadyFile), 0o755); err != nil {
+		return fmt.Errorf("mark ready: %w", err)
+	}
+	if err := atomicfile.WriteFile(a.cfg.ReadyFile, []byte("ready\n"), 0o644); err != nil {
+		return fmt.Errorf("mark ready: %w", err)
+	}
+	a.log.WithField("file", a.cfg.ReadyFile).Info("all selected devices are bound; ready")
+	<-ctx.Done()
+	a.log.Info("stopping: giving back the devices this run bound")
+	_ = atomicfile.Remove(a.cfg.ReadyFile)
+
+	bound := map[string]bool{}
+	for _, o := range res.Outcomes {
+		bound[o.Address] = o.Action == vfio.ActionBound
+	}
+	mine := &vfio.Plan{}
+	for _, g := range plan.Groups {
+		var members []vfio.Member
+		for _, m := range g.Members {
+			if bound[m.Address] {
+				members = append(members, m)
+			}
+		}
+		if len(members) > 0 {
+			mine.Groups = append(mine.Groups, &vfio.Group{ID: g.ID, Members: members})
+		}
+	}
+	return a.unbind(mine)
+}
+
+func unjoin(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
+}

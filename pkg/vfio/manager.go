@@ -1,0 +1,478 @@
+package vfio
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Defaults of a Manager.
+const (
+	DefaultDevRoot  = "/dev"
+	DefaultHostRoot = "/"
+	DefaultTimeout  = 10 * time.Second
+)
+
+// ModuleLoader loads a kernel module by name.
+type ModuleLoader interface {
+	LoadModule(ctx context.Context, name string) error
+}
+
+// Manager binds IOMMU groups to VFIO and gives them back.
+type Manager struct {
+	sysfs    *Sysfs
+	devRoot  string
+	hostRoot string
+	state    stateStore
+	timeout  time.Duration
+	loader   ModuleLoader
+	release  string
+	dryRun   bool
+}
+
+// Option configures a Manager.
+type Option func(*Manager)
+
+// WithSysfsRoot sets where sysfs is read and written. Default: DefaultSysfsRoot.
+func WithSysfsRoot(root string) Option { return func(m *Manager) { m.sysfs = NewSysfs(root) } }
+
+// WithDevRoot sets where /dev/vfio is looked for. Default: DefaultDevRoot.
+func WithDevRoot(root string) Option { return func(m *Manager) { m.devRoot = root } }
+
+// WithHostRoot sets the host's root file system, under which
+// lib/modules/<release>/modules.alias is read. Default: DefaultHostRoot.
+func WithHostRoot(root string) Option { return func(m *Manager) { m.hostRoot = root } }
+
+// WithStateDir sets where previous drivers are recorded. Default: DefaultStateDir.
+func WithStateDir(dir string) Option { return func(m *Manager) { m.state = stateStore{dir: dir} } }
+
+// WithTimeout sets how long one device may take to change driver.
+// Default: DefaultTimeout.
+func WithTimeout(d time.Duration) Option { return func(m *Manager) { m.timeout = d } }
+
+// WithModuleLoader loads drivers that are not registered yet. Default: none,
+// and binding to a driver that is not loaded fails with ErrDriverNotLoaded.
+func WithModuleLoader(l ModuleLoader) Option { return func(m *Manager) { m.loader = l } }
+
+// WithKernelRelease sets the release whose modules.alias is read.
+// Default: the running kernel's (uname -r).
+func WithKernelRelease(r string) Option { return func(m *Manager) { m.release = r } }
+
+// WithDryRun makes Bind and Unbind report what they would do and change nothing.
+// Default: false.
+func WithDryRun(dry bool) Option { return func(m *Manager) { m.dryRun = dry } }
+
+// NewManager returns a Manager for the node's sysfs, or the tree the options name.
+func NewManager(opts ...Option) *Manager {
+	m := &Manager{
+		sysfs:    NewSysfs(DefaultSysfsRoot),
+		devRoot:  DefaultDevRoot,
+		hostRoot: DefaultHostRoot,
+		state:    stateStore{dir: DefaultStateDir},
+		timeout:  DefaultTimeout,
+	}
+	for _, o := range opts {
+		o(m)
+	}
+	if m.release == "" {
+		var u unix.Utsname
+		if unix.Uname(&u) == nil {
+			m.release = unix.ByteSliceToString(u.Release[:])
+		}
+	}
+	return m
+}
+
+// Sysfs is the reader the Manager uses.
+func (m *Manager) Sysfs() *Sysfs { return m.sysfs }
+
+// Action is what happened to a device.
+type Action string
+
+// Actions reported in an Outcome.
+const (
+	ActionBound     Action = "bound"     // given to a vfio driver
+	ActionUnbound   Action = "unbound"   // taken from its vfio driver
+	ActionUnchanged Action = "unchanged" // already where it should be
+	ActionFailed    Action = "failed"    // tried and failed; see Err
+	ActionSkipped   Action = "skipped"   // not touched because its group failed
+	ActionPlanned   Action = "planned"   // dry run: would change
+)
+
+// Outcome is the result for one device.
+type Outcome struct {
+	Address string
+	Group   int
+	Role    Role
+	Action  Action
+	// From and To are the drivers before and after ("" for none).
+	From, To string
+	Err      error
+	// Warning explains a result that succeeded in a degraded way.
+	Warning string
+}
+
+// Result holds one Outcome per member of a plan, sorted by address.
+type Result struct {
+	Outcomes []Outcome
+}
+
+// Err joins the errors of every failed or skipped device.
+func (r *Result) Err() error {
+	var errs []error
+	seen := map[string]bool{}
+	for _, o := range r.Outcomes {
+		if o.Err != nil && !seen[o.Err.Error()] {
+			seen[o.Err.Error()] = true
+			errs = append(errs, o.Err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Count returns how many outcomes have the action.
+func (r *Result) Count(a Action) int {
+	n := 0
+	for _, o := range r.Outcomes {
+		if o.Action == a {
+			n++
+		}
+	}
+	return n
+}
+
+// Bind gives every viable group of the plan to VFIO, groups in parallel.
+// It fails before touching anything when the node has no IOMMU or a needed
+// driver cannot be loaded; otherwise failures are per group in the Result,
+// and a group that fails part-way is returned to where it was.
+func (m *Manager) Bind(ctx context.Context, p *Plan) (*Result, error) {
+	if n, err := m.sysfs.IOMMUGroupCount(); err != nil {
+		return nil, err
+	} else if n == 0 {
+		return nil, ErrNoIOMMU
+	}
+	aliasFile := filepath.Join(m.hostRoot, "lib", "modules", m.release, "modules.alias")
+	aliases, err := readVFIOAliases(aliasFile)
+	if err != nil {
+		return nil, err
+	}
+	targets := map[string]string{}
+	modules := map[string]string{}
+	for _, g := range p.Groups {
+		if g.Err != nil {
+			continue
+		}
+		for _, mem := range g.Members {
+			drv, mod := vfioVariant(aliases, mem.Modalias)
+			targets[mem.Address] = drv
+			modules[drv] = mod
+		}
+	}
+	if !m.dryRun {
+		for _, drv := range slices.Sorted(maps.Keys(modules)) {
+			if err := m.ensureDriver(ctx, drv, modules[drv]); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return m.eachGroup(p, func(g *Group) []Outcome { return m.bindGroup(ctx, g, targets) }), nil
+}
+
+// Unbind takes every member of the plan that a vfio driver holds back from
+// it and gives it to the driver recorded when it was bound, or leaves it
+// without a driver (with a warning) when no usable record exists.
+func (m *Manager) Unbind(ctx context.Context, p *Plan) *Result {
+	return m.eachGroup(p, func(g *Group) []Outcome {
+		out := make([]Outcome, 0, len(g.Members))
+		for _, mem := range g.Members {
+			out = append(out, m.unbindDevice(ctx, g.ID, mem))
+		}
+		return out
+	})
+}
+
+func (m *Manager) eachGroup(p *Plan, f func(*Group) []Outcome) *Result {
+	results := make([][]Outcome, len(p.Groups))
+	var wg sync.WaitGroup
+	for i, g := range p.Groups {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i] = f(g)
+		}()
+	}
+	wg.Wait()
+	r := &Result{}
+	for _, out := range results {
+		r.Outcomes = append(r.Outcomes, out...)
+	}
+	slices.SortFunc(r.Outcomes, func(a, b Outcome) int { return strings.Compare(a.Address, b.Address) })
+	return r
+}
+
+func (m *Manager) bindGroup(ctx context.Context, g *Group, targets map[string]string) []Outcome {
+	out := make([]Outcome, len(g.Members))
+	for i, mem := range g.Members {
+		out[i] = Outcome{Address: mem.Address, Group: g.ID, Role: mem.Role, From: mem.Driver, To: mem.Driver}
+	}
+	if g.Err != nil {
+		for i := range out {
+			out[i].Action, out[i].Err = ActionSkipped, g.Err
+		}
+		return out
+	}
+	for i, mem := range g.Members {
+		if mem.BoundToVFIO() {
+			out[i].Action = ActionUnchanged
+			continue
+		}
+		if m.dryRun {
+			out[i].Action, out[i].To = ActionPlanned, targets[mem.Address]
+			continue
+		}
+		if err := m.bindDevice(ctx, mem.Device, targets[mem.Address]); err != nil {
+			out[i].Action, out[i].Err = ActionFailed, err
+			m.rollback(ctx, g, out[:i], err)
+			for j := i + 1; j < len(out); j++ {
+				out[j].Action = ActionSkipped
+				out[j].Err = fmt.Errorf("bind %s: skipped, group %d failed: %w", out[j].Address, g.ID, err)
+			}
+			return out
+		}
+		out[i].Action, out[i].To = ActionBound, targets[mem.Address]
+	}
+	if m.dryRun {
+		return out
+	}
+	node := filepath.Join(m.devRoot, "vfio", fmt.Sprint(g.ID))
+	err := m.waitFor(ctx, func() (bool, error) {
+		_, err := os.Stat(node)
+		return err == nil, nil
+	})
+	if err != nil {
+		err = fmt.Errorf("bind iommu group %d: %q did not appear: %w", g.ID, node, err)
+		m.rollback(ctx, g, out, err)
+		for i := range out {
+			out[i].Action, out[i].Err = ActionFailed, err
+		}
+	}
+	return out
+}
+
+// rollback gives the devices this call bound back to their drivers, so that a
+// group is either wholly given to VFIO or left as it was.
+func (m *Manager) rollback(ctx context.Context, g *Group, done []Outcome, cause error) {
+	for i := range done {
+		if done[i].Action != ActionBound {
+			continue
+		}
+		err := m.unbindDevice(ctx, g.ID, Member{Device: &Device{Address: done[i].Address}}).Err
+		done[i].Action = ActionFailed
+		done[i].To = done[i].From
+		done[i].Err = fmt.Errorf("bind %s: rolled back, group %d failed: %w", done[i].Address, g.ID, cause)
+		if err != nil {
+			done[i].Err = fmt.Errorf("bind %s: group %d failed (%w) and rollback failed: %w", done[i].Address, g.ID, cause, err)
+		}
+	}
+}
+
+func (m *Manager) bindDevice(ctx context.Context, d *Device, target string) error {
+	ctx, cancel := context.WithTimeout(ctx, m.timeout)
+	defer cancel()
+	fail := func(step string, err error) error {
+		return fmt.Errorf("bind %s to %s: %s: %w", d.Address, target, step, err)
+	}
+
+	rec := record{Address: d.Address, Driver: d.Driver, BoundTo: target}
+	if old, err := m.state.load(d.Address); err == nil && d.Driver == "" {
+		// A run that died between unbind and probe left the device driverless;
+		// the driver it had is the one recorded then.
+		rec.Driver = old.Driver
+	}
+	if err := m.state.save(rec); err != nil {
+		return fail("record previous driver", err)
+	}
+	devDir := m.sysfs.DevicePath(d.Address)
+	if err := m.writeAttr(ctx, filepath.Join(devDir, "driver_override"), target); err != nil {
+		_ = m.state.remove(d.Address)
+		return fail("set driver_override", err)
+	}
+	if d.Driver != "" {
+		err := m.writeAttr(ctx, filepath.Join(m.sysfs.DriverPath(d.Driver), "unbind"), d.Address)
+		if err == nil {
+			err = m.waitDriver(ctx, d.Address, "")
+		}
+		if err != nil {
+			m.restoreOverride(d.Address)
+			if cur, _ := m.sysfs.Device(d.Address); cur != nil && cur.Driver == d.Driver {
+				_ = m.state.remove(d.Address)
+			}
+			return fail(fmt.Sprintf("unbind from %s", d.Driver), err)
+		}
+	}
+	err := m.writeAttr(ctx, filepath.Join(m.sysfs.Root(), "bus", "pci", "drivers_probe"), d.Address)
+	if err == nil {
+		err = m.waitDriver(ctx, d.Address, target)
+	}
+	if err != nil {
+		return fail("probe", err)
+	}
+	return nil
+}
+
+func (m *Manager) unbindDevice(ctx context.Context, group int, mem Member) Outcome {
+	o := Outcome{Address: mem.Address, Group: group, Role: mem.Role, Action: ActionUnchanged}
+	// Read afresh: the plan may predate a bind made since.
+	d, err := m.sysfs.Device(mem.Address)
+	if err != nil {
+		o.Action, o.Err = ActionFailed, fmt.Errorf("unbind %s: %w", mem.Address, err)
+		return o
+	}
+	o.From, o.To = d.Driver, d.Driver
+	if !d.BoundToVFIO() {
+		return o
+	}
+	rec, recErr := m.state.load(d.Address)
+	if recErr != nil {
+		rec = record{}
+		o.Warning = fmt.Sprintf("%v: leaving %s without a driver", recErr, d.Address)
+	}
+	o.To = rec.Driver
+	if m.dryRun {
+		o.Action = ActionPlanned
+		return o
+	}
+	ctx, cancel := context.WithTimeout(ctx, m.timeout)
+	defer cancel()
+	fail := func(step string, err error) Outcome {
+		o.Action = ActionFailed
+		o.To, _ = linkBase(m.sysfs.DevicePath(d.Address), "driver")
+		o.Err = fmt.Errorf("unbind %s from %s: %s: %w", d.Address, d.Driver, step, err)
+		return o
+	}
+	if err := m.writeAttr(ctx, filepath.Join(m.sysfs.DevicePath(d.Address), "driver_override"), "\n"); err != nil {
+		return fail("clear driver_override", err)
+	}
+	err = m.writeAttr(ctx, filepath.Join(m.sysfs.DriverPath(d.Driver), "unbind"), d.Address)
+	if err == nil {
+		err = m.waitDriver(ctx, d.Address, "")
+	}
+	if err != nil {
+		return fail("unbind", err)
+	}
+	if rec.Driver != "" {
+		err := m.ensureDriver(ctx, rec.Driver, moduleOf(rec.Driver))
+		if err == nil {
+			err = m.writeAttr(ctx, filepath.Join(m.sysfs.DriverPath(rec.Driver), "bind"), d.Address)
+		}
+		if err == nil {
+			err = m.waitDriver(ctx, d.Address, rec.Driver)
+		}
+		if err != nil {
+			return fail(fmt.Sprintf("give back to %s", rec.Driver), err)
+		}
+	}
+	if err := m.state.remove(d.Address); err != nil {
+		o.Warning = err.Error()
+	}
+	o.Action = ActionUnbound
+	return o
+}
+
+func (m *Manager) restoreOverride(address string) {
+	ctx, cancel := context.WithTimeout(context.Background(), m.timeout)
+	defer cancel()
+	_ = m.writeAttr(ctx, filepath.Join(m.sysfs.DevicePath(address), "driver_override"), "\n")
+}
+
+func (m *Manager) ensureDriver(ctx context.Context, driver, module string) error {
+	if m.sysfs.DriverLoaded(driver) {
+		return nil
+	}
+	if m.loader == nil {
+		return fmt.Errorf("driver %s: %w (load module %s)", driver, ErrDriverNotLoaded, module)
+	}
+	if err := m.loader.LoadModule(ctx, module); err != nil {
+		return fmt.Errorf("load module %s for driver %s: %w", module, driver, err)
+	}
+	if !m.sysfs.DriverLoaded(driver) {
+		return fmt.Errorf("driver %s: %w after loading module %s", driver, ErrDriverNotLoaded, module)
+	}
+	return nil
+}
+
+// writeAttr writes one value to a sysfs attribute. The kernel runs the
+// driver's probe or remove inside the write, which can hang on a sick
+// device, so the write is abandoned (not cancelled: it cannot be) when ctx ends.
+func (m *Manager) writeAttr(ctx context.Context, path, value string) error {
+	done := make(chan error, 1)
+	go func() {
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC, 0)
+		if err != nil {
+			done <- err
+			return
+		}
+		_, err = f.WriteString(value)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("write %q: %w", path, ErrTimeout)
+	}
+}
+
+// waitDriver waits until the device's driver is want ("" for none).
+func (m *Manager) waitDriver(ctx context.Context, address, want string) error {
+	var last string
+	err := m.waitFor(ctx, func() (bool, error) {
+		var err error
+		last, err = linkBase(m.sysfs.DevicePath(address), "driver")
+		return err == nil && last == want, err
+	})
+	if errors.Is(err, ErrTimeout) {
+		if want == "" {
+			return fmt.Errorf("driver %s still bound: %w", last, err)
+		}
+		if last == "" {
+			last = "none"
+		}
+		return fmt.Errorf("driver is %s, not %s: %w", last, want, err)
+	}
+	return err
+}
+
+// waitFor polls cond until it holds. sysfs sends no inotify events for
+// changes the kernel makes, so polling is the only way; it starts at 1 ms and
+// backs off to 20 ms.
+func (m *Manager) waitFor(ctx context.Context, cond func() (bool, error)) error {
+	delay := time.Millisecond
+	for {
+		ok, err := cond()
+		if err != nil {
+			return err
+		}
+		if ok {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ErrTimeout
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 20*time.Millisecond)
+	}
+}

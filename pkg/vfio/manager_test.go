@@ -1,0 +1,379 @@
+package vfio_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio/vfiotest"
+)
+
+type fixture struct {
+	tree     *vfiotest.Tree
+	emu      *vfiotest.Emulator
+	stateDir string
+	m        *vfio.Manager
+}
+
+func newFixture(t *testing.T, n vfiotest.Node, opts ...vfio.Option) *fixture {
+	t.Helper()
+	tree, emu := vfiotest.New(t, n)
+	f := &fixture{tree: tree, emu: emu, stateDir: filepath.Join(t.TempDir(), "state")}
+	f.m = vfio.NewManager(append([]vfio.Option{
+		vfio.WithSysfsRoot(tree.SysfsRoot), vfio.WithDevRoot(tree.DevRoot),
+		vfio.WithHostRoot(tree.HostRoot), vfio.WithStateDir(f.stateDir),
+		vfio.WithTimeout(2 * time.Second),
+	}, opts...)...)
+	return f
+}
+
+func (f *fixture) plan(t *testing.T, list string, nvswitches bool, addresses []string) *vfio.Plan {
+	t.Helper()
+	devices, err := f.m.Sysfs().Devices()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sel, err := vfio.ParseSelector(list, nvswitches)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := vfio.NewPlan(devices, sel, addresses)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func (f *fixture) bind(t *testing.T, p *vfio.Plan) *vfio.Result {
+	t.Helper()
+	r, err := f.m.Bind(context.Background(), p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func outcome(t *testing.T, r *vfio.Result, addr string) vfio.Outcome {
+	t.Helper()
+	for _, o := range r.Outcomes {
+		if o.Address == addr {
+			return o
+		}
+	}
+	t.Fatalf("no outcome for %s in %+v", addr, r.Outcomes)
+	return vfio.Outcome{}
+}
+
+func (f *fixture) wantDriver(t *testing.T, addr, driver, override string) {
+	t.Helper()
+	if got := f.tree.Driver(addr); got != driver {
+		t.Errorf("%s: driver %q, want %q", addr, got, driver)
+	}
+	if got := f.tree.DriverOverride(addr); got != override {
+		t.Errorf("%s: driver_override %q, want %q", addr, got, override)
+	}
+}
+
+func exists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
+
+func TestBindAndUnbindHGX(t *testing.T) {
+	f := newFixture(t, vfiotest.HGXH100())
+	p := f.plan(t, "", true, nil)
+	if len(p.Groups) != 12 {
+		t.Fatalf("plan has %d groups, want 12 (8 GPUs, 4 NVSwitches)", len(p.Groups))
+	}
+	r := f.bind(t, p)
+	if err := r.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if n := r.Count(vfio.ActionBound); n != 12 {
+		t.Fatalf("bound %d devices, want 12: %+v", n, r.Outcomes)
+	}
+	for i, addr := range append(slices.Clone(vfiotest.HGXH100GPUs), vfiotest.HGXH100NVSwitches...) {
+		f.wantDriver(t, addr, "vfio-pci", "vfio-pci")
+		group := 20 + i
+		if i >= 8 {
+			group = 40 + i - 8
+		}
+		if !exists(f.tree.GroupNode(group)) {
+			t.Errorf("%s: %s missing after bind", addr, f.tree.GroupNode(group))
+		}
+		if !exists(filepath.Join(f.stateDir, addr+".json")) {
+			t.Errorf("%s: no state record", addr)
+		}
+	}
+	// The switch ports are bridges in groups of their own: never touched.
+	f.wantDriver(t, "0000:17:00.0", "pcieport", "")
+
+	// A second bind changes nothing.
+	r = f.bind(t, f.plan(t, "", true, nil))
+	if n := r.Count(vfio.ActionUnchanged); n != 12 || r.Err() != nil {
+		t.Fatalf("second bind: %d unchanged, err %v; want 12 unchanged", n, r.Err())
+	}
+
+	r = f.m.Unbind(context.Background(), f.plan(t, "", true, nil))
+	if err := r.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if n := r.Count(vfio.ActionUnbound); n != 12 {
+		t.Fatalf("unbound %d devices, want 12", n)
+	}
+	for _, addr := range vfiotest.HGXH100GPUs {
+		f.wantDriver(t, addr, "nvidia", "")
+	}
+	if entries, _ := os.ReadDir(f.stateDir); len(entries) != 0 {
+		t.Errorf("state dir still holds %d records after unbind", len(entries))
+	}
+	if exists(f.tree.GroupNode(20)) {
+		t.Errorf("%s still there after unbind", f.tree.GroupNode(20))
+	}
+}
+
+func TestBindLeavesUnselectedDevicesAlone(t *testing.T) {
+	f := newFixture(t, vfiotest.HGXH100())
+	r := f.bind(t, f.plan(t, "", false, []string{"2a:00.0"}))
+	if r.Err() != nil || r.Count(vfio.ActionBound) != 1 {
+		t.Fatalf("bind one: %+v", r.Outcomes)
+	}
+	f.wantDriver(t, "0000:2a:00.0", "vfio-pci", "vfio-pci")
+	for _, addr := range append(slices.Clone(vfiotest.HGXH100GPUs), vfiotest.HGXH100NVSwitches...) {
+		if addr != "0000:2a:00.0" {
+			f.wantDriver(t, addr, "nvidia", "")
+		}
+	}
+}
+
+func TestBindCompanionAudio(t *testing.T) {
+	f := newFixture(t, vfiotest.A10WithAudio())
+	p := f.plan(t, "", false, nil)
+	if got := p.Members(); len(got) != 2 || got[1].Role != vfio.RoleCompanion {
+		t.Fatalf("plan members %+v; want the GPU and its audio function as companion", got)
+	}
+	if r := f.bind(t, p); r.Err() != nil {
+		t.Fatal(r.Err())
+	}
+	f.wantDriver(t, "0000:65:00.0", "vfio-pci", "vfio-pci")
+	f.wantDriver(t, "0000:65:00.1", "vfio-pci", "vfio-pci")
+
+	r := f.m.Unbind(context.Background(), f.plan(t, "", false, nil))
+	if r.Err() != nil {
+		t.Fatal(r.Err())
+	}
+	f.wantDriver(t, "0000:65:00.0", "nvidia", "")
+	f.wantDriver(t, "0000:65:00.1", "snd_hda_intel", "")
+}
+
+func TestBindRefusesGroupWithHostDevice(t *testing.T) {
+	f := newFixture(t, vfiotest.GroupWithNIC())
+	r := f.bind(t, f.plan(t, "", false, nil))
+	err := r.Err()
+	if !errors.Is(err, vfio.ErrGroupNotViable) {
+		t.Fatalf("error = %v; want ErrGroupNotViable", err)
+	}
+	for _, name := range []string{"0000:17:00.0", "0000:18:00.0", "i40e"} {
+		if !strings.Contains(err.Error(), name) {
+			t.Errorf("error %q does not name %s", err, name)
+		}
+	}
+	if o := outcome(t, r, "0000:17:00.0"); o.Action != vfio.ActionSkipped {
+		t.Errorf("GPU in the shared group: %s, want skipped", o.Action)
+	}
+	f.wantDriver(t, "0000:17:00.0", "nvidia", "")
+	f.wantDriver(t, "0000:18:00.0", "i40e", "")
+	// The other group is still bound.
+	f.wantDriver(t, "0000:65:00.0", "vfio-pci", "vfio-pci")
+}
+
+func TestBindNoIOMMU(t *testing.T) {
+	f := newFixture(t, vfiotest.NoIOMMU())
+	_, err := f.m.Bind(context.Background(), f.plan(t, "", false, nil))
+	if !errors.Is(err, vfio.ErrNoIOMMU) || !strings.Contains(err.Error(), "intel_iommu=on") {
+		t.Fatalf("error = %v; want ErrNoIOMMU with advice", err)
+	}
+	f.wantDriver(t, "0000:65:00.0", "nvidia", "")
+	if exists(f.stateDir) {
+		t.Error("state dir created although nothing was bound")
+	}
+}
+
+func TestBindTimeoutKeepsOtherGroups(t *testing.T) {
+	n := vfiotest.HGXH100()
+	for i := range n.Devices {
+		if n.Devices[i].Address == "0000:3a:00.0" {
+			n.Devices[i].RefuseUnbind = true
+		}
+		if n.Devices[i].Address == "0000:5d:00.0" {
+			n.Devices[i].UnbindDelay = 50 * time.Millisecond
+		}
+	}
+	f := newFixture(t, n, vfio.WithTimeout(300*time.Millisecond))
+	r := f.bind(t, f.plan(t, "", false, nil))
+	o := outcome(t, r, "0000:3a:00.0")
+	if o.Action != vfio.ActionFailed || !errors.Is(o.Err, vfio.ErrTimeout) || !strings.Contains(o.Err.Error(), "0000:3a:00.0") {
+		t.Fatalf("stuck device: %+v; want failed with a timeout naming it", o)
+	}
+	if n := r.Count(vfio.ActionBound); n != 7 {
+		t.Errorf("bound %d devices, want the 7 others", n)
+	}
+	// The stuck device keeps its driver and loses the override we set.
+	f.wantDriver(t, "0000:3a:00.0", "nvidia", "")
+	f.wantDriver(t, "0000:5d:00.0", "vfio-pci", "vfio-pci")
+	if exists(filepath.Join(f.stateDir, "0000:3a:00.0.json")) {
+		t.Error("state record kept for a device that was never bound")
+	}
+}
+
+// A group is bound whole or not at all: when one function cannot leave its
+// driver, the functions already bound are given back.
+func TestBindRollsBackPartialGroup(t *testing.T) {
+	n := vfiotest.A10WithAudio()
+	n.Devices[1].RefuseUnbind = true
+	f := newFixture(t, n, vfio.WithTimeout(200*time.Millisecond))
+	r := f.bind(t, f.plan(t, "", false, nil))
+	if r.Err() == nil {
+		t.Fatal("bind succeeded with a function stuck on its driver")
+	}
+	if o := outcome(t, r, "0000:65:00.0"); o.Action != vfio.ActionFailed || !strings.Contains(o.Err.Error(), "rolled back") {
+		t.Errorf("GPU: %+v; want failed and rolled back", o)
+	}
+	f.wantDriver(t, "0000:65:00.0", "nvidia", "")
+	f.wantDriver(t, "0000:65:00.1", "snd_hda_intel", "")
+	if entries, _ := os.ReadDir(f.stateDir); len(entries) != 0 {
+		t.Errorf("state dir holds %d records after a rollback", len(entries))
+	}
+}
+
+func TestUnbindWithoutUsableState(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		damage func(path string) error
+	}{
+		{"missing", os.Remove},
+		{"corrupt", func(p string) error { return os.WriteFile(p, []byte("{not json"), 0o600) }},
+		{"other device", func(p string) error {
+			return os.WriteFile(p, []byte(`{"address":"0000:00:00.0","driver":"e1000e"}`), 0o600)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t, vfiotest.A10WithAudio())
+			if r := f.bind(t, f.plan(t, "", false, nil)); r.Err() != nil {
+				t.Fatal(r.Err())
+			}
+			if err := tc.damage(filepath.Join(f.stateDir, "0000:65:00.0.json")); err != nil {
+				t.Fatal(err)
+			}
+			r := f.m.Unbind(context.Background(), f.plan(t, "", false, nil))
+			if r.Err() != nil {
+				t.Fatal(r.Err())
+			}
+			o := outcome(t, r, "0000:65:00.0")
+			if o.Action != vfio.ActionUnbound || o.To != "" || !strings.Contains(o.Warning, "without a driver") {
+				t.Errorf("outcome %+v; want unbound, no driver, a warning", o)
+			}
+			f.wantDriver(t, "0000:65:00.0", "", "")
+			f.wantDriver(t, "0000:65:00.1", "snd_hda_intel", "")
+		})
+	}
+}
+
+// A bind that died between unbind and probe left the device driverless; the
+// next bind must keep the driver recorded then, not record "none".
+func TestBindResumesAfterCrash(t *testing.T) {
+	f := newFixture(t, vfiotest.A10WithAudio())
+	if r := f.bind(t, f.plan(t, "", false, []string{"0000:65:00.0"})); r.Err() != nil {
+		t.Fatal(r.Err())
+	}
+	// Simulate the crash: the device leaves vfio-pci but the record stays.
+	unbind := filepath.Join(f.tree.SysfsRoot, "bus/pci/drivers/vfio-pci/unbind")
+	if err := os.WriteFile(unbind, []byte("0000:65:00.0"), 0); err != nil {
+		t.Fatal(err)
+	}
+	for f.tree.Driver("0000:65:00.0") != "" {
+		time.Sleep(time.Millisecond)
+	}
+	if r := f.bind(t, f.plan(t, "", false, nil)); r.Err() != nil {
+		t.Fatal(r.Err())
+	}
+	if r := f.m.Unbind(context.Background(), f.plan(t, "", false, nil)); r.Err() != nil {
+		t.Fatal(r.Err())
+	}
+	f.wantDriver(t, "0000:65:00.0", "nvidia", "")
+}
+
+func TestBindPicksVariantDriverAndLoadsIt(t *testing.T) {
+	n := vfiotest.Node{Devices: []vfiotest.Device{{
+		Address: "0009:01:00.0", Vendor: 0x10de, Device: 0x2342, Class: 0x030200, // GH100 on Grace
+		Driver: "nvidia", IOMMUGroup: 7, NUMANode: 0,
+	}}}
+	loader := &recordingLoader{}
+	f := newFixture(t, n, vfio.WithModuleLoader(loader))
+	loader.emu = f.emu
+	r := f.bind(t, f.plan(t, "", false, nil))
+	if r.Err() != nil {
+		t.Fatal(r.Err())
+	}
+	if !slices.Equal(loader.loaded, []string{"nvgrace_gpu_vfio_pci"}) {
+		t.Errorf("modules loaded: %v; want nvgrace_gpu_vfio_pci", loader.loaded)
+	}
+	f.wantDriver(t, "0009:01:00.0", "nvgrace_gpu_vfio_pci", "nvgrace_gpu_vfio_pci")
+}
+
+func TestBindWithoutDriverOrLoader(t *testing.T) {
+	n := vfiotest.A10WithAudio()
+	n.Drivers = nil // vfio-pci not loaded
+	f := newFixture(t, n)
+	_, err := f.m.Bind(context.Background(), f.plan(t, "", false, nil))
+	if !errors.Is(err, vfio.ErrDriverNotLoaded) || !strings.Contains(err.Error(), "vfio_pci") {
+		t.Fatalf("error = %v; want ErrDriverNotLoaded naming the module", err)
+	}
+	f.wantDriver(t, "0000:65:00.0", "nvidia", "")
+}
+
+func TestDryRun(t *testing.T) {
+	f := newFixture(t, vfiotest.A10WithAudio(), vfio.WithDryRun(true))
+	r := f.bind(t, f.plan(t, "", false, nil))
+	if r.Count(vfio.ActionPlanned) != 2 || r.Err() != nil {
+		t.Fatalf("dry run: %+v", r.Outcomes)
+	}
+	f.wantDriver(t, "0000:65:00.0", "nvidia", "")
+	if exists(f.stateDir) {
+		t.Error("dry run wrote state")
+	}
+}
+
+func TestPlanRejectsBadAddresses(t *testing.T) {
+	f := newFixture(t, vfiotest.GroupWithNIC())
+	devices, _ := f.m.Sysfs().Devices()
+	sel, _ := vfio.ParseSelector("", false)
+	for _, tc := range []struct {
+		addr string
+		want error
+	}{
+		{"0000:99:00.0", vfio.ErrDeviceNotFound},
+		{"0000:18:00.0", vfio.ErrNotSelected}, // the NIC: not NVIDIA
+		{"18:00", vfio.ErrInvalidAddress},
+	} {
+		if _, err := vfio.NewPlan(devices, sel, []string{tc.addr}); !errors.Is(err, tc.want) {
+			t.Errorf("NewPlan(%s) error = %v; want %v", tc.addr, err, tc.want)
+		}
+	}
+}
+
+type recordingLoader struct {
+	emu    *vfiotest.Emulator
+	loaded []string
+}
+
+func (l *recordingLoader) LoadModule(_ context.Context, name string) error {
+	l.loaded = append(l.loaded, name)
+	return l.emu.LoadDriver(name)
+}

@@ -1,0 +1,204 @@
+package vfio
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// DefaultSysfsRoot is where the kernel mounts sysfs.
+const DefaultSysfsRoot = "/sys"
+
+// Sysfs reads PCI devices and IOMMU groups below a sysfs root. It is the
+// package's only reader of sysfs; it caches nothing, so every call sees the
+// kernel's current state.
+type Sysfs struct {
+	root string
+}
+
+// NewSysfs returns a reader for the sysfs tree mounted at root
+// (DefaultSysfsRoot on a node, a fake tree in tests).
+func NewSysfs(root string) *Sysfs {
+	return &Sysfs{root: root}
+}
+
+// Root is the sysfs root this reader was built with.
+func (s *Sysfs) Root() string { return s.root }
+
+func (s *Sysfs) devicesDir() string { return filepath.Join(s.root, "bus", "pci", "devices") }
+
+// DevicePath is the device's directory under bus/pci/devices.
+func (s *Sysfs) DevicePath(address string) string {
+	return filepath.Join(s.devicesDir(), address)
+}
+
+// DriverPath is a driver's directory under bus/pci/drivers.
+func (s *Sysfs) DriverPath(driver string) string {
+	return filepath.Join(s.root, "bus", "pci", "drivers", driver)
+}
+
+// DriverLoaded reports whether the driver is registered on the PCI bus.
+func (s *Sysfs) DriverLoaded(driver string) bool {
+	_, err := os.Stat(s.DriverPath(driver))
+	return err == nil
+}
+
+// Devices reads every PCI function, sorted by address. A function whose
+// identity cannot be read is left out and its error joined into the returned
+// error; the others are still returned.
+func (s *Sysfs) Devices() ([]*Device, error) {
+	entries, err := os.ReadDir(s.devicesDir())
+	if err != nil {
+		return nil, fmt.Errorf("list PCI devices in %q: %w", s.devicesDir(), err)
+	}
+	devices := make([]*Device, 0, len(entries))
+	var errs []error
+	for _, e := range entries {
+		d, err := s.Device(e.Name())
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		devices = append(devices, d)
+	}
+	slices.SortFunc(devices, func(a, b *Device) int { return strings.Compare(a.Address, b.Address) })
+	return devices, errors.Join(errs...)
+}
+
+// Device reads one PCI function. Its ids and class must be readable; the
+// other attributes fall back to "none" when the kernel does not expose them.
+func (s *Sysfs) Device(address string) (*Device, error) {
+	dir := s.DevicePath(address)
+	if _, err := os.Stat(dir); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("read PCI device %s: %w", address, ErrDeviceNotFound)
+		}
+		return nil, fmt.Errorf("read PCI device %s: %w", address, err)
+	}
+	d := &Device{Address: address, IOMMUGroup: -1, NUMANode: -1}
+	var err error
+	if d.Vendor, err = readUint16(dir, "vendor"); err != nil {
+		return nil, fmt.Errorf("read PCI device %s: %w", address, err)
+	}
+	if d.Device, err = readUint16(dir, "device"); err != nil {
+		return nil, fmt.Errorf("read PCI device %s: %w", address, err)
+	}
+	class, err := readHex(dir, "class", 32)
+	if err != nil {
+		return nil, fmt.Errorf("read PCI device %s: %w", address, err)
+	}
+	d.Class = uint32(class)
+	// Some virtual platforms omit the subsystem ids; zero is the kernel's own default.
+	d.SubsystemVendor, _ = readUint16(dir, "subsystem_vendor")
+	d.SubsystemDevice, _ = readUint16(dir, "subsystem_device")
+
+	if d.Driver, err = linkBase(dir, "driver"); err != nil {
+		return nil, fmt.Errorf("read PCI device %s: %w", address, err)
+	}
+	if v, err := ReadAttr(dir, "driver_override"); err == nil && v != "(null)" {
+		d.DriverOverride = v
+	}
+	group, err := linkBase(dir, "iommu_group")
+	if err != nil {
+		return nil, fmt.Errorf("read PCI device %s: %w", address, err)
+	}
+	if group != "" {
+		if d.IOMMUGroup, err = strconv.Atoi(group); err != nil {
+			return nil, fmt.Errorf("read PCI device %s: iommu_group %q: %w", address, group, ErrSysfs)
+		}
+	}
+	if v, err := ReadAttr(dir, "numa_node"); err == nil {
+		if n, err := strconv.Atoi(v); err == nil && n >= 0 {
+			d.NUMANode = n
+		}
+	}
+	if d.Modalias, err = ReadAttr(dir, "modalias"); err != nil {
+		d.Modalias = modalias(d)
+	}
+	if entries, err := os.ReadDir(filepath.Join(dir, "vfio-dev")); err == nil {
+		for _, e := range entries {
+			if strings.HasPrefix(e.Name(), "vfio") {
+				d.VFIODevice = e.Name()
+				break
+			}
+		}
+	}
+	if d.PhysFn, err = linkBase(dir, "physfn"); err != nil {
+		return nil, fmt.Errorf("read PCI device %s: %w", address, err)
+	}
+	if v, err := ReadAttr(dir, "sriov_totalvfs"); err == nil {
+		d.TotalVFs, _ = strconv.Atoi(v)
+	}
+	if d.Path, err = filepath.EvalSymlinks(dir); err != nil {
+		return nil, fmt.Errorf("read PCI device %s: %w", address, err)
+	}
+	if parent := filepath.Base(filepath.Dir(d.Path)); addressPattern.MatchString(parent) {
+		d.Parent = parent
+	}
+	return d, nil
+}
+
+// IOMMUGroupCount is the number of IOMMU groups the kernel created: zero when
+// the IOMMU is off or absent.
+func (s *Sysfs) IOMMUGroupCount() (int, error) {
+	dir := filepath.Join(s.root, "kernel", "iommu_groups")
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("list IOMMU groups in %q: %w", dir, err)
+	}
+	return len(entries), nil
+}
+
+// ReadAttr returns a sysfs attribute with surrounding white space removed.
+func ReadAttr(dir, name string) (string, error) {
+	b, err := os.ReadFile(filepath.Join(dir, name))
+	if err != nil {
+		return "", fmt.Errorf("read %s: %w", name, err)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+func readHex(dir, name string, bits int) (uint64, error) {
+	s, err := ReadAttr(dir, name)
+	if err != nil {
+		return 0, err
+	}
+	v, err := strconv.ParseUint(strings.TrimPrefix(s, "0x"), 16, bits)
+	if err != nil {
+		return 0, fmt.Errorf("%s %q: %w", name, s, ErrSysfs)
+	}
+	return v, nil
+}
+
+func readUint16(dir, name string) (uint16, error) {
+	v, err := readHex(dir, name, 16)
+	return uint16(v), err
+}
+
+// linkBase is the last element of a symbolic link's target, "" when the link
+// does not exist.
+func linkBase(dir, name string) (string, error) {
+	target, err := os.Readlink(filepath.Join(dir, name))
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("read link %s: %w", name, err)
+	}
+	return filepath.Base(target), nil
+}
+
+// modalias rebuilds the kernel's alias from the ids for trees that lack the file.
+func modalias(d *Device) string {
+	return fmt.Sprintf("pci:v%08Xd%08Xsv%08Xsd%08Xbc%02Xsc%02Xi%02X",
+		d.Vendor, d.Device, d.SubsystemVendor, d.SubsystemDevice,
+		d.Class>>16, (d.Class>>8)&0xff, d.Class&0xff)
+}

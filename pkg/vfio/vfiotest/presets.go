@@ -1,0 +1,98 @@
+package vfiotest
+
+import "fmt"
+
+// Ids and classes the presets use.
+const (
+	VendorNVIDIA   = 0x10de
+	DeviceH100SXM  = 0x2330 // GH100 [H100 SXM5 80GB]
+	DeviceNVSwitch = 0x22a3 // GH100 [H100 NVSwitch]
+	DeviceA10      = 0x2236 // GA102GL [A10]
+	DeviceA10Audio = 0x1aef // GA102 High Definition Audio Controller
+
+	Class3D       = 0x030200
+	ClassVGA      = 0x030000
+	ClassNVSwitch = 0x068000
+	ClassAudio    = 0x040300
+	ClassEthernet = 0x020000
+	ClassBridge   = 0x060400
+)
+
+// HGXH100GPUs and HGXH100NVSwitches are the addresses HGXH100 uses.
+var (
+	HGXH100GPUs = []string{
+		"0000:18:00.0", "0000:2a:00.0", "0000:3a:00.0", "0000:5d:00.0",
+		"0000:9a:00.0", "0000:ab:00.0", "0000:ba:00.0", "0000:db:00.0",
+	}
+	HGXH100NVSwitches = []string{"0000:05:00.0", "0000:06:00.0", "0000:07:00.0", "0000:08:00.0"}
+)
+
+// HGXH100 is an 8-GPU HGX H100 board: each GPU behind its own PCIe switch
+// port in its own IOMMU group, four on NUMA node 0 and four on node 1, four
+// NVSwitches on node 0. Everything starts on the nvidia driver; vfio-pci is
+// loaded.
+func HGXH100() Node {
+	n := Node{Drivers: []string{"vfio-pci"}}
+	for i, addr := range HGXH100GPUs {
+		numa := i / 4
+		port := fmt.Sprintf("0000:%s:00.0", busBefore(addr))
+		n.Devices = append(n.Devices,
+			Device{Address: port, Vendor: 0x1000, Device: 0xc030, Class: ClassBridge,
+				Driver: "pcieport", IOMMUGroup: 100 + i, NUMANode: numa},
+			Device{Address: addr, Vendor: VendorNVIDIA, Device: DeviceH100SXM, Class: Class3D,
+				SubsystemVendor: VendorNVIDIA, SubsystemDevice: 0x16c1,
+				Driver: "nvidia", IOMMUGroup: 20 + i, NUMANode: numa, Parent: port})
+	}
+	for i, addr := range HGXH100NVSwitches {
+		n.Devices = append(n.Devices, Device{Address: addr, Vendor: VendorNVIDIA, Device: DeviceNVSwitch,
+			Class: ClassNVSwitch, SubsystemVendor: VendorNVIDIA, SubsystemDevice: 0x1796,
+			Driver: "nvidia", IOMMUGroup: 40 + i, NUMANode: 0})
+	}
+	return n
+}
+
+// busBefore names the bus of the switch port above a GPU: one below the
+// GPU's own, as firmware numbers them.
+func busBefore(addr string) string {
+	var bus int
+	fmt.Sscanf(addr[5:7], "%x", &bus)
+	return fmt.Sprintf("%02x", bus-1)
+}
+
+// A10WithAudio is one A10 whose HD audio function shares its IOMMU group and
+// is held by snd_hda_intel, as on a workstation board.
+func A10WithAudio() Node {
+	return Node{
+		Drivers: []string{"vfio-pci"},
+		Devices: []Device{
+			{Address: "0000:65:00.0", Vendor: VendorNVIDIA, Device: DeviceA10, Class: Class3D,
+				SubsystemVendor: VendorNVIDIA, SubsystemDevice: 0x1482, Driver: "nvidia", IOMMUGroup: 21, NUMANode: 0},
+			{Address: "0000:65:00.1", Vendor: VendorNVIDIA, Device: DeviceA10Audio, Class: ClassAudio,
+				SubsystemVendor: VendorNVIDIA, SubsystemDevice: 0x1482, Driver: "snd_hda_intel", IOMMUGroup: 21, NUMANode: 0},
+		},
+	}
+}
+
+// GroupWithNIC has two A10s: 0000:17:00.0 shares group 30 with an Intel X710
+// NIC (0000:18:00.0, on i40e) behind a switch without ACS, and 0000:65:00.0
+// is alone in group 31.
+func GroupWithNIC() Node {
+	return Node{
+		Drivers: []string{"vfio-pci"},
+		Devices: []Device{
+			{Address: "0000:17:00.0", Vendor: VendorNVIDIA, Device: DeviceA10, Class: Class3D,
+				SubsystemVendor: VendorNVIDIA, SubsystemDevice: 0x1482, Driver: "nvidia", IOMMUGroup: 30, NUMANode: 0},
+			{Address: "0000:18:00.0", Vendor: 0x8086, Device: 0x1572, Class: ClassEthernet,
+				SubsystemVendor: 0x8086, SubsystemDevice: 0x0001, Driver: "i40e", IOMMUGroup: 30, NUMANode: 0},
+			{Address: "0000:65:00.0", Vendor: VendorNVIDIA, Device: DeviceA10, Class: Class3D,
+				SubsystemVendor: VendorNVIDIA, SubsystemDevice: 0x1482, Driver: "nvidia", IOMMUGroup: 31, NUMANode: 0},
+		},
+	}
+}
+
+// NoIOMMU is A10WithAudio on a kernel booted without an IOMMU.
+func NoIOMMU() Node {
+	n := A10WithAudio()
+	n.NoIOMMU = true
+	return n
+}

@@ -12,10 +12,10 @@ func TestParseAddress(t *testing.T) {
 		in, want string
 	}{
 		{"0000:65:00.0", "0000:65:00.0"},
-		{"65:00.0", "0000:65:00.0"},          // lspci's short form
-		{"0000:DB:00.1", "0000:db:00.1"},     // upper-case hex from other tools
-		{" 0001:3a:1f.7\n", "0001:3a:1f.7"},  // pasted with white space
-		{"10000:00:02.0", "10000:00:02.0"},   // VMD domains have five digits
+		{"65:00.0", "0000:65:00.0"},         // lspci's short form
+		{"0000:DB:00.1", "0000:db:00.1"},    // upper-case hex from other tools
+		{" 0001:3a:1f.7\n", "0001:3a:1f.7"}, // pasted with white space
+		{"10000:00:02.0", "10000:00:02.0"},  // VMD domains have five digits
 	} {
 		got, err := vfio.ParseAddress(tc.in)
 		if err != nil || got != tc.want {

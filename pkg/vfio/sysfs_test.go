@@ -106,7 +106,7 @@ func TestDevicesOnFakeTree(t *testing.T) {
 	}
 	want := vfio.Device{Address: "0000:9a:00.0", Vendor: 0x10de, Device: 0x2330, Class: 0x030200,
 		SubsystemVendor: 0x10de, SubsystemDevice: 0x16c1, Driver: "nvidia", IOMMUGroup: 24, NUMANode: 1,
-		Parent: "0000:99:00.0",
+		Parent:   "0000:99:00.0",
 		Modalias: "pci:v000010DEd00002330sv000010DEsd000016C1bc03sc02i00"}
 	want.Path = gpu.Path
 	if *gpu != want {

@@ -296,4 +296,3 @@ func TestVersion(t *testing.T) {
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }
-

@@ -4,7 +4,13 @@ go 1.26.8
 
 require (
 	github.com/NVIDIA/go-nvlib v0.13.0
+	github.com/opencontainers/runtime-spec v1.3.0
 	github.com/sirupsen/logrus v1.10.2
 	github.com/spf13/pflag v1.1.0
+	go.yaml.in/yaml/v3 v3.0.5
 	golang.org/x/sys v0.50.0
+	tags.cncf.io/container-device-interface v1.1.2
+	tags.cncf.io/container-device-interface/specs-go v1.1.1
 )
+
+require github.com/fsnotify/fsnotify v1.10.1 // indirect

@@ -86,3 +86,21 @@ func syncDir(dir string) error {
 	}
 	return nil
 }
+
+// Sync makes a file that another library wrote by rename durable: it syncs
+// the file, then its directory. Used where a library must do the writing
+// itself (the CDI cache validates the spec it writes).
+func Sync(name string) error {
+	f, err := os.Open(name)
+	if err != nil {
+		return fmt.Errorf("sync %q: %w", name, err)
+	}
+	err = f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("sync %q: %w", name, err)
+	}
+	return syncDir(filepath.Dir(name))
+}

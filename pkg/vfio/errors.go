@@ -24,6 +24,9 @@ var (
 	ErrDriverNotLoaded = errors.New("driver not loaded")
 	// ErrNoState means no usable record of a device's previous driver exists.
 	ErrNoState = errors.New("no recorded driver")
+	// ErrNoCDev means a device has no vfio cdev (kernel before 6.2, or
+	// CONFIG_VFIO_DEVICE_CDEV off), so iommufd mode cannot use it.
+	ErrNoCDev = errors.New("no vfio cdev")
 	// ErrSysfs means a sysfs attribute is missing or malformed.
 	ErrSysfs = errors.New("bad sysfs attribute")
 )

@@ -104,7 +104,7 @@ func Build(dir string, n Node) (*Tree, error) {
 
 func (t *Tree) build() error {
 	for _, d := range []string{
-		"sys/bus/pci/devices", "sys/bus/pci/drivers", "sys/devices", "sys/module",
+		"sys/bus/pci/devices", "sys/bus/pci/drivers", "sys/devices", "sys/module", "sys/class/vfio",
 		"dev/vfio",
 	} {
 		if err := os.MkdirAll(filepath.Join(t.Root, d), 0o755); err != nil {
@@ -122,14 +122,29 @@ func (t *Tree) build() error {
 	if err := mkfifo(filepath.Join(t.SysfsRoot, "bus/pci/drivers_probe")); err != nil {
 		return err
 	}
-	if err := writeFile(filepath.Join(t.DevRoot, "vfio/vfio"), "", 0o666); err != nil {
-		return err
-	}
+	misc := map[string]string{"vfio/vfio": "vfio\t10:196"}
 	if t.node.CDev {
 		if err := os.MkdirAll(filepath.Join(t.DevRoot, "vfio/devices"), 0o755); err != nil {
 			return err
 		}
-		if err := writeFile(filepath.Join(t.DevRoot, "iommu"), "", 0o666); err != nil {
+		misc["iommu"] = "iommu\t10:123"
+	}
+	for node, class := range misc {
+		name, dev, _ := strings.Cut(class, "\t")
+		if err := writeFile(filepath.Join(t.DevRoot, node), "", 0o666); err != nil {
+			return err
+		}
+		dir := filepath.Join(t.SysfsRoot, "devices/virtual/misc", name)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return err
+		}
+		if err := writeFile(filepath.Join(dir, "dev"), dev+"\n", 0o444); err != nil {
+			return err
+		}
+		if err := os.MkdirAll(filepath.Join(t.SysfsRoot, "class/misc"), 0o755); err != nil {
+			return err
+		}
+		if err := relink(dir, filepath.Join(t.SysfsRoot, "class/misc", name)); err != nil {
 			return err
 		}
 	}
@@ -311,7 +326,7 @@ func (t *Tree) attach(addr, drv string) error {
 }
 
 func (t *Tree) addVFIONodes(dir string, group int) error {
-	if err := writeFile(filepath.Join(t.DevRoot, "vfio", fmt.Sprint(group)), "", 0o600); err != nil {
+	if err := t.addGroupNode(group); err != nil {
 		return err
 	}
 	if !t.node.CDev {
@@ -327,11 +342,58 @@ func (t *Tree) addVFIONodes(dir string, group int) error {
 	if err := os.MkdirAll(filepath.Join(dir, "vfio-dev", name), 0o755); err != nil {
 		return err
 	}
-	if err := writeFile(filepath.Join(dir, "vfio-dev", name, "dev"), fmt.Sprintf("511:%d\n", n), 0o444); err != nil {
+	if err := writeFile(filepath.Join(dir, "vfio-dev", name, "dev"), fmt.Sprintf("%d:%d\n", cdevMajor, n), 0o444); err != nil {
 		return err
 	}
 	return writeFile(filepath.Join(t.DevRoot, "vfio/devices", name), "", 0o600)
 }
+
+// addGroupNode creates /dev/vfio/<group> and its class device in sysfs
+// (class/vfio/<group>/dev), the minor the lowest free, as the kernel's
+// allocator picks it.
+func (t *Tree) addGroupNode(group int) error {
+	node := filepath.Join(t.DevRoot, "vfio", fmt.Sprint(group))
+	if _, err := os.Stat(node); err == nil {
+		return nil
+	}
+	virt := filepath.Join(t.SysfsRoot, "devices/virtual/vfio")
+	used := map[string]bool{}
+	entries, _ := os.ReadDir(virt)
+	for _, e := range entries {
+		if b, err := os.ReadFile(filepath.Join(virt, e.Name(), "dev")); err == nil {
+			used[strings.TrimSpace(string(b))] = true
+		}
+	}
+	minor := 0
+	for used[fmt.Sprintf("%d:%d", groupMajor, minor)] {
+		minor++
+	}
+	dir := filepath.Join(virt, fmt.Sprint(group))
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	if err := writeFile(filepath.Join(dir, "dev"), fmt.Sprintf("%d:%d\n", groupMajor, minor), 0o444); err != nil {
+		return err
+	}
+	if err := relink(dir, filepath.Join(t.SysfsRoot, "class/vfio", fmt.Sprint(group))); err != nil {
+		return err
+	}
+	return writeFile(node, "", 0o600)
+}
+
+func (t *Tree) removeGroupNode(group int) error {
+	_ = os.Remove(filepath.Join(t.SysfsRoot, "class/vfio", fmt.Sprint(group)))
+	if err := os.RemoveAll(filepath.Join(t.SysfsRoot, "devices/virtual/vfio", fmt.Sprint(group))); err != nil {
+		return err
+	}
+	return os.Remove(filepath.Join(t.DevRoot, "vfio", fmt.Sprint(group)))
+}
+
+// Character device numbers the fake kernel hands out.
+const (
+	groupMajor = 243 // /dev/vfio/<group>, dynamic on a real kernel
+	cdevMajor  = 511 // /dev/vfio/devices/vfioN
+)
 
 // detach undoes attach in the kernel's order: the driver link goes first,
 // then the driver's remove releases the vfio nodes; the group node goes when
@@ -364,7 +426,7 @@ func (t *Tree) detach(addr, drv string) error {
 			return nil
 		}
 	}
-	return os.Remove(filepath.Join(t.DevRoot, "vfio", fmt.Sprint(group)))
+	return t.removeGroupNode(group)
 }
 
 func (t *Tree) driverOf(addr string) string {

@@ -1,0 +1,189 @@
+package cdi
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+	cdiapi "tags.cncf.io/container-device-interface/pkg/cdi"
+	"tags.cncf.io/container-device-interface/pkg/parser"
+	specs "tags.cncf.io/container-device-interface/specs-go"
+
+	"github.com/gpu-sandbox/gpu-sandbox/internal/atomicfile"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
+)
+
+// Defaults.
+const (
+	// DefaultRoot is where container runtimes read dynamic CDI specs.
+	DefaultRoot = "/var/run/cdi"
+	// Vendor of every kind this package writes.
+	Vendor = "nvidia.com"
+	// PassthroughKind names every passthrough GPU of the node, by index and
+	// by address.
+	PassthroughKind = Vendor + "/pgpu"
+)
+
+// ErrNoDevices means a spec was asked for without devices; the CDI
+// specification does not allow an empty one.
+var ErrNoDevices = errors.New("no devices")
+
+// SpecOptions tune NewSpec. The zero value gives a legacy-mode spec naming
+// devices by address, without device numbers.
+type SpecOptions struct {
+	// Mode selects the device nodes. Zero: vfio.ModeLegacy.
+	Mode vfio.Mode
+	// Sysfs is read for the nodes' device numbers. Nil: paths only, and the
+	// runtime stats the nodes.
+	Sysfs *vfio.Sysfs
+	// ByIndex also names the devices 0, 1, ... in address order.
+	ByIndex bool
+}
+
+// KindFor returns the CDI kind of a device-plugin resource name: the
+// resource itself (nvidia.com/GA102GL_A10) when it is a valid kind, else the
+// name prefixed so that it starts with a letter (nvidia.com/2330 gives
+// nvidia.com/pgpu-2330).
+func KindFor(resource string) (string, error) {
+	vendor, class := parser.ParseQualifier(resource)
+	if vendor == "" {
+		return "", fmt.Errorf("resource %q: not vendor/name", resource)
+	}
+	if parser.ValidateClassName(class) != nil {
+		class = "pgpu-" + class
+	}
+	if err := parser.ValidateClassName(class); err != nil {
+		return "", fmt.Errorf("resource %q: no CDI class fits: %w", resource, err)
+	}
+	return vendor + "/" + class, nil
+}
+
+// QualifiedName is the CDI name of a device: kind=name.
+func QualifiedName(kind, name string) string { return kind + "=" + name }
+
+// NewSpec builds the spec of kind for devices, sorted by ID.
+func NewSpec(kind string, devices []*vfio.Passthrough, opts SpecOptions) (*specs.Spec, error) {
+	if len(devices) == 0 {
+		return nil, fmt.Errorf("CDI spec %s: %w", kind, ErrNoDevices)
+	}
+	mode := opts.Mode
+	if mode == "" {
+		mode = vfio.ModeLegacy
+	}
+	spec := &specs.Spec{Kind: kind}
+	sorted := sortedByID(devices)
+	named := make([]specs.Device, 0, 2*len(sorted))
+	for i, p := range sorted {
+		paths, err := p.DevicePaths(mode)
+		if err != nil {
+			return nil, fmt.Errorf("CDI spec %s: %w", kind, err)
+		}
+		edits := specs.ContainerEdits{}
+		for j, path := range paths {
+			var num vfio.CharDev
+			if opts.Sysfs != nil {
+				if mode == vfio.ModeIOMMUFD {
+					num, err = opts.Sysfs.VFIODeviceCharDev(p.Functions[j].Address, p.Functions[j].VFIODevice)
+				} else {
+					num, err = opts.Sysfs.GroupCharDev(p.IOMMUGroup)
+				}
+			}
+			edits.DeviceNodes = append(edits.DeviceNodes, node(path, num, err))
+		}
+		if opts.ByIndex {
+			spec.Devices = append(spec.Devices, specs.Device{Name: strconv.Itoa(i), ContainerEdits: edits})
+		}
+		named = append(named, specs.Device{Name: p.ID, ContainerEdits: edits})
+	}
+	spec.Devices = append(spec.Devices, named...)
+
+	common := vfio.CommonDevicePath(mode)
+	var num vfio.CharDev
+	var err error
+	if opts.Sysfs != nil {
+		num, err = opts.Sysfs.MiscCharDev(filepath.Base(common))
+	}
+	spec.ContainerEdits.DeviceNodes = []*specs.DeviceNode{node(common, num, err)}
+
+	v, err := specs.MinimumRequiredVersion(spec)
+	if err != nil {
+		return nil, fmt.Errorf("CDI spec %s: %w", kind, err)
+	}
+	spec.Version = v
+	return spec, nil
+}
+
+// node describes a device node; its numbers are left to the runtime when
+// sysfs could not tell them.
+func node(path string, num vfio.CharDev, err error) *specs.DeviceNode {
+	n := &specs.DeviceNode{Path: path}
+	if err == nil && num.Major > 0 {
+		n.Type, n.Major, n.Minor = "c", num.Major, num.Minor
+	}
+	return n
+}
+
+func sortedByID(devices []*vfio.Passthrough) []*vfio.Passthrough {
+	out := slices.Clone(devices)
+	slices.SortFunc(out, func(a, b *vfio.Passthrough) int { return strings.Compare(a.ID, b.ID) })
+	return out
+}
+
+// Writer writes specs into a CDI spec directory through the CDI library's
+// cache, which validates every spec it writes.
+type Writer struct {
+	root  string
+	cache *cdiapi.Cache
+}
+
+// NewWriter returns a Writer for the spec directory root (DefaultRoot on a
+// node). The directory is created on the first write.
+func NewWriter(root string) (*Writer, error) {
+	cache, err := cdiapi.NewCache(cdiapi.WithSpecDirs(root), cdiapi.WithAutoRefresh(false))
+	if err != nil {
+		return nil, fmt.Errorf("CDI cache for %q: %w", root, err)
+	}
+	return &Writer{root: root, cache: cache}, nil
+}
+
+// Path is the file a spec of kind is written to: <root>/<vendor>-<class>.yaml.
+func (w *Writer) Path(kind string) string {
+	vendor, class := parser.ParseQualifier(kind)
+	return filepath.Join(w.root, cdiapi.GenerateSpecName(vendor, class)+".yaml")
+}
+
+// Write validates the spec and writes it atomically, unless the file already
+// holds exactly these bytes. It reports whether it wrote.
+func (w *Writer) Write(spec *specs.Spec) (bool, error) {
+	path := w.Path(spec.Kind)
+	data, err := yaml.Marshal(spec)
+	if err != nil {
+		return false, fmt.Errorf("write CDI spec %s: %w", spec.Kind, err)
+	}
+	// The cache writes YAML as a document with a leading marker.
+	data = append([]byte("---\n"), data...)
+	if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, data) {
+		return false, nil
+	}
+	if err := w.cache.WriteSpec(spec, filepath.Base(path)); err != nil {
+		return false, fmt.Errorf("write CDI spec %s to %q: %w", spec.Kind, path, err)
+	}
+	if err := atomicfile.Sync(path); err != nil {
+		return true, fmt.Errorf("write CDI spec %s: %w", spec.Kind, err)
+	}
+	return true, nil
+}
+
+// Remove deletes the spec of kind. A spec that is not there is not an error.
+func (w *Writer) Remove(kind string) error {
+	if err := w.cache.RemoveSpec(filepath.Base(w.Path(kind))); err != nil {
+		return fmt.Errorf("remove CDI spec %s: %w", kind, err)
+	}
+	return nil
+}

@@ -1,0 +1,268 @@
+package deviceplugin_test
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
+
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/deviceplugin"
+)
+
+// kubelet is a registration server on kubelet.sock, as the kubelet runs one.
+type kubelet struct {
+	pluginapi.UnimplementedRegistrationServer
+	srv  *grpc.Server
+	regs chan *pluginapi.RegisterRequest
+}
+
+func startKubelet(t *testing.T, dir string) *kubelet {
+	t.Helper()
+	lis, err := net.Listen("unix", filepath.Join(dir, "kubelet.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := &kubelet{srv: grpc.NewServer(), regs: make(chan *pluginapi.RegisterRequest, 16)}
+	pluginapi.RegisterRegistrationServer(k.srv, k)
+	go k.srv.Serve(lis)
+	t.Cleanup(k.srv.Stop)
+	return k
+}
+
+func (k *kubelet) Register(_ context.Context, r *pluginapi.RegisterRequest) (*pluginapi.Empty, error) {
+	k.regs <- r
+	return &pluginapi.Empty{}, nil
+}
+
+// restart stops the kubelet and, as a starting kubelet does, removes every
+// socket in the directory before listening again.
+func (k *kubelet) restart(t *testing.T, dir string) *kubelet {
+	k.srv.Stop()
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		os.Remove(filepath.Join(dir, e.Name()))
+	}
+	return startKubelet(t, dir)
+}
+
+func (k *kubelet) waitRegistration(t *testing.T) *pluginapi.RegisterRequest {
+	t.Helper()
+	select {
+	case r := <-k.regs:
+		return r
+	case <-time.After(5 * time.Second):
+		t.Fatal("no registration within 5s")
+		return nil
+	}
+}
+
+type allocator struct{}
+
+func (allocator) Allocate(_ context.Context, ids []string) (*pluginapi.ContainerAllocateResponse, error) {
+	return &pluginapi.ContainerAllocateResponse{Envs: map[string]string{"IDS": strings.Join(ids, ",")}}, nil
+}
+
+type preferFirst struct{}
+
+func (preferFirst) Preferred(available, must []string, size int) []string { return available[:size] }
+
+// runServer runs s until the test ends and checks Run's result.
+func runServer(t *testing.T, s *deviceplugin.Server) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
+func dial(t *testing.T, path string) (pluginapi.DevicePluginClient, *grpc.ClientConn) {
+	t.Helper()
+	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return pluginapi.NewDevicePluginClient(conn), conn
+}
+
+// eventually polls cond for up to 5s: for state that settles after an
+// asynchronous step the test cannot wait on directly.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within 5s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func TestRegisterListAndWatchAllocate(t *testing.T) {
+	dir := t.TempDir()
+	k := startKubelet(t, dir)
+	s := deviceplugin.New("nvidia.com/GA102GL_A10", allocator{}, deviceplugin.WithDir(dir),
+		deviceplugin.WithPreferrer(preferFirst{}))
+	s.SetDevices([]deviceplugin.Device{
+		{ID: "0000:65:00.0", Healthy: true, NUMANode: 0},
+		{ID: "0000:17:00.0", Healthy: true, NUMANode: -1},
+	})
+	runServer(t, s)
+	r := k.waitRegistration(t)
+	if r.ResourceName != "nvidia.com/GA102GL_A10" || r.Version != pluginapi.Version ||
+		r.Endpoint != "gpu-sandbox-nvidia.com_GA102GL_A10.sock" || !r.Options.GetPreferredAllocationAvailable {
+		t.Fatalf("registration %+v", r)
+	}
+	if fi, err := os.Stat(s.SocketPath()); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("socket: %v %v; want mode 0600", fi, err)
+	}
+
+	c, _ := dial(t, s.SocketPath())
+	stream, err := c.ListAndWatch(context.Background(), &pluginapi.Empty{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(first.Devices) != 2 || first.Devices[0].ID != "0000:17:00.0" || first.Devices[0].Topology != nil ||
+		first.Devices[1].Topology.Nodes[0].ID != 0 {
+		t.Fatalf("first list %v", first.Devices)
+	}
+
+	// A health change reaches the stream; setting the same list again sends nothing.
+	s.SetDevices([]deviceplugin.Device{
+		{ID: "0000:65:00.0", Healthy: false, NUMANode: 0},
+		{ID: "0000:17:00.0", Healthy: true, NUMANode: -1},
+	})
+	s.SetDevices([]deviceplugin.Device{
+		{ID: "0000:17:00.0", Healthy: true, NUMANode: -1},
+		{ID: "0000:65:00.0", Healthy: false, NUMANode: 0},
+	})
+	second, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if second.Devices[1].Health != pluginapi.Unhealthy {
+		t.Fatalf("second list %v", second.Devices)
+	}
+
+	resp, err := c.Allocate(context.Background(), &pluginapi.AllocateRequest{ContainerRequests: []*pluginapi.ContainerAllocateRequest{
+		{DevicesIds: []string{"0000:17:00.0"}}}})
+	if err != nil || resp.ContainerResponses[0].Envs["IDS"] != "0000:17:00.0" {
+		t.Fatalf("allocate: %v %v", resp, err)
+	}
+	for id, code := range map[string]codes.Code{"0000:65:00.0": codes.FailedPrecondition, "0000:99:00.0": codes.NotFound} {
+		_, err := c.Allocate(context.Background(), &pluginapi.AllocateRequest{ContainerRequests: []*pluginapi.ContainerAllocateRequest{
+			{DevicesIds: []string{id}}}})
+		if status.Code(err) != code || !strings.Contains(err.Error(), id) {
+			t.Errorf("allocate %s: %v; want %v naming it", id, err, code)
+		}
+	}
+	pref, err := c.GetPreferredAllocation(context.Background(), &pluginapi.PreferredAllocationRequest{
+		ContainerRequests: []*pluginapi.ContainerPreferredAllocationRequest{{AvailableDeviceIDs: []string{"a", "b"}, AllocationSize: 1}}})
+	if err != nil || len(pref.ContainerResponses[0].DeviceIDs) != 1 {
+		t.Errorf("preferred allocation: %v %v", pref, err)
+	}
+}
+
+func TestWaitsForKubeletThenReregistersOnRestart(t *testing.T) {
+	dir := t.TempDir()
+	var mu sync.Mutex
+	var events []deviceplugin.Event
+	s := deviceplugin.New("nvidia.com/pgpu", allocator{}, deviceplugin.WithDir(dir),
+		deviceplugin.WithEventHandler(func(e deviceplugin.Event) {
+			mu.Lock()
+			events = append(events, e)
+			mu.Unlock()
+		}))
+	runServer(t, s)
+
+	k := startKubelet(t, dir) // the kubelet comes up after the plugin
+	k.waitRegistration(t)
+	eventually(t, "Registered()", s.Registered)
+	mu.Lock()
+	for _, e := range events {
+		if e.Type == deviceplugin.EventRegisterFailed || e.Type == deviceplugin.EventServeFailed {
+			t.Errorf("event %s: %v; want none while waiting for the kubelet", e.Type, e.Err)
+		}
+	}
+	mu.Unlock()
+
+	// A restarting kubelet may leave a dead kubelet.sock for a moment, so a
+	// failed attempt is allowed here; a new registration is required.
+	for range 3 {
+		k = k.restart(t, dir)
+		k.waitRegistration(t)
+		eventually(t, "Registered() after a kubelet restart", s.Registered)
+		if _, err := os.Stat(s.SocketPath()); err != nil {
+			t.Fatalf("socket not re-created after kubelet restart: %v", err)
+		}
+	}
+}
+
+func TestStopRemovesSocketAndLeaksNothing(t *testing.T) {
+	dir := t.TempDir()
+	k := startKubelet(t, dir)
+	before := runtime.NumGoroutine()
+	fdsBefore := openFDs(t)
+	for range 20 {
+		s := deviceplugin.New("example.com/thing", allocator{}, deviceplugin.WithDir(dir))
+		stop := runServer(t, s)
+		k.waitRegistration(t)
+		c, conn := dial(t, s.SocketPath())
+		stream, err := c.ListAndWatch(context.Background(), &pluginapi.Empty{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := stream.Recv(); err != nil {
+			t.Fatal(err)
+		}
+		stop()
+		if _, err := os.Stat(s.SocketPath()); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("socket left after stop: %v", err)
+		}
+		if _, err := stream.Recv(); err == nil {
+			t.Fatal("stream still open after stop")
+		}
+		conn.Close()
+	}
+	// Goroutines of closed connections end asynchronously: allow them a
+	// moment, then the counts must be back where they started.
+	eventually(t, "goroutines back to their number before the runs", func() bool {
+		return runtime.NumGoroutine() <= before
+	})
+	if n := openFDs(t); n > fdsBefore {
+		t.Errorf("open fds grew from %d to %d over 20 runs", fdsBefore, n)
+	}
+}
+
+func openFDs(t *testing.T) int {
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skip("no /proc/self/fd")
+	}
+	return len(entries)
+}

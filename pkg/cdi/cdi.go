@@ -187,3 +187,18 @@ func (w *Writer) Remove(kind string) error {
 	}
 	return nil
 }
+
+// NewPassthroughSpec builds the nvidia.com/pgpu spec: every GPU among
+// devices that vfio holds whole, by index and by address. The device plugin
+// and kata-manager both write it with this function, so that they write the
+// same bytes.
+func NewPassthroughSpec(devices []*vfio.Passthrough, opts SpecOptions) (*specs.Spec, error) {
+	var gpus []*vfio.Passthrough
+	for _, p := range devices {
+		if p.Role == vfio.RoleGPU && p.Ready() {
+			gpus = append(gpus, p)
+		}
+	}
+	opts.ByIndex = true
+	return NewSpec(PassthroughKind, gpus, opts)
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"net"
 	"os"
 	"path/filepath"
@@ -91,8 +92,26 @@ type Option func(*Server)
 func WithDir(dir string) Option { return func(s *Server) { s.dir = dir } }
 
 // WithSocketName sets the socket's file name in the directory.
-// Default: "gpu-sandbox-" plus the resource with "/" as "_", plus ".sock".
+// Default: "gpu-sandbox-" plus the resource with "/" as "_", plus ".sock",
+// shortened with a hash of the resource where the whole path would pass the
+// kernel's limit for socket paths.
 func WithSocketName(name string) Option { return func(s *Server) { s.socket = name } }
+
+// maxSocketPath is the longest path a unix socket can bind to (sun_path
+// holds 108 bytes with the terminating NUL).
+const maxSocketPath = 107
+
+func defaultSocketName(dir, resource string) string {
+	name := "gpu-sandbox-" + strings.ReplaceAll(resource, "/", "_")
+	if len(filepath.Join(dir, name+".sock")) <= maxSocketPath {
+		return name + ".sock"
+	}
+	h := fnv.New32a()
+	h.Write([]byte(resource))
+	suffix := fmt.Sprintf("-%08x.sock", h.Sum32())
+	keep := max(maxSocketPath-len(filepath.Join(dir, suffix)), len("gpu-sandbox"))
+	return name[:min(keep, len(name))] + suffix
+}
 
 // WithPreferrer offers GetPreferredAllocation. Default: not offered.
 func WithPreferrer(p Preferrer) Option { return func(s *Server) { s.pref = p } }
@@ -110,7 +129,6 @@ func New(resource string, alloc Allocator, opts ...Option) *Server {
 	s := &Server{
 		resource: resource,
 		dir:      DefaultDir,
-		socket:   "gpu-sandbox-" + strings.ReplaceAll(resource, "/", "_") + ".sock",
 		alloc:    alloc,
 		events:   func(Event) {},
 		retry:    500 * time.Millisecond,
@@ -119,6 +137,9 @@ func New(resource string, alloc Allocator, opts ...Option) *Server {
 	}
 	for _, o := range opts {
 		o(s)
+	}
+	if s.socket == "" {
+		s.socket = defaultSocketName(s.dir, resource)
 	}
 	return s
 }

@@ -3,7 +3,6 @@ package deviceplugin_test
 import (
 	"context"
 	"errors"
-	"net"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -19,53 +18,13 @@ import (
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/deviceplugin"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/deviceplugin/deviceplugintest"
 )
 
-// kubelet is a registration server on kubelet.sock, as the kubelet runs one.
-type kubelet struct {
-	pluginapi.UnimplementedRegistrationServer
-	srv  *grpc.Server
-	regs chan *pluginapi.RegisterRequest
-}
-
-func startKubelet(t *testing.T, dir string) *kubelet {
-	t.Helper()
-	lis, err := net.Listen("unix", filepath.Join(dir, "kubelet.sock"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	k := &kubelet{srv: grpc.NewServer(), regs: make(chan *pluginapi.RegisterRequest, 16)}
-	pluginapi.RegisterRegistrationServer(k.srv, k)
-	go k.srv.Serve(lis)
-	t.Cleanup(k.srv.Stop)
-	return k
-}
-
-func (k *kubelet) Register(_ context.Context, r *pluginapi.RegisterRequest) (*pluginapi.Empty, error) {
-	k.regs <- r
-	return &pluginapi.Empty{}, nil
-}
-
-// restart stops the kubelet and, as a starting kubelet does, removes every
-// socket in the directory before listening again.
-func (k *kubelet) restart(t *testing.T, dir string) *kubelet {
-	k.srv.Stop()
-	entries, _ := os.ReadDir(dir)
-	for _, e := range entries {
-		os.Remove(filepath.Join(dir, e.Name()))
-	}
-	return startKubelet(t, dir)
-}
-
-func (k *kubelet) waitRegistration(t *testing.T) *pluginapi.RegisterRequest {
-	t.Helper()
-	select {
-	case r := <-k.regs:
-		return r
-	case <-time.After(5 * time.Second):
-		t.Fatal("no registration within 5s")
-		return nil
-	}
+// waitRegistrations waits until the kubelet has seen n registrations.
+func waitRegistrations(k *deviceplugintest.Kubelet, n int) *pluginapi.RegisterRequest {
+	k.WaitFor("registration", func(map[string]*deviceplugintest.Plugin) bool { return len(k.Registrations()) >= n })
+	return k.Registrations()[n-1]
 }
 
 type allocator struct{}
@@ -121,7 +80,7 @@ func eventually(t *testing.T, what string, cond func() bool) {
 
 func TestRegisterListAndWatchAllocate(t *testing.T) {
 	dir := t.TempDir()
-	k := startKubelet(t, dir)
+	k := deviceplugintest.Start(t, dir)
 	s := deviceplugin.New("nvidia.com/GA102GL_A10", allocator{}, deviceplugin.WithDir(dir),
 		deviceplugin.WithPreferrer(preferFirst{}))
 	s.SetDevices([]deviceplugin.Device{
@@ -129,7 +88,7 @@ func TestRegisterListAndWatchAllocate(t *testing.T) {
 		{ID: "0000:17:00.0", Healthy: true, NUMANode: -1},
 	})
 	runServer(t, s)
-	r := k.waitRegistration(t)
+	r := waitRegistrations(k, 1)
 	if r.ResourceName != "nvidia.com/GA102GL_A10" || r.Version != pluginapi.Version ||
 		r.Endpoint != "gpu-sandbox-nvidia.com_GA102GL_A10.sock" || !r.Options.GetPreferredAllocationAvailable {
 		t.Fatalf("registration %+v", r)
@@ -200,8 +159,8 @@ func TestWaitsForKubeletThenReregistersOnRestart(t *testing.T) {
 		}))
 	runServer(t, s)
 
-	k := startKubelet(t, dir) // the kubelet comes up after the plugin
-	k.waitRegistration(t)
+	k := deviceplugintest.Start(t, dir) // the kubelet comes up after the plugin
+	waitRegistrations(k, 1)
 	eventually(t, "Registered()", s.Registered)
 	mu.Lock()
 	for _, e := range events {
@@ -214,8 +173,8 @@ func TestWaitsForKubeletThenReregistersOnRestart(t *testing.T) {
 	// A restarting kubelet may leave a dead kubelet.sock for a moment, so a
 	// failed attempt is allowed here; a new registration is required.
 	for range 3 {
-		k = k.restart(t, dir)
-		k.waitRegistration(t)
+		k = k.Restart()
+		waitRegistrations(k, 1)
 		eventually(t, "Registered() after a kubelet restart", s.Registered)
 		if _, err := os.Stat(s.SocketPath()); err != nil {
 			t.Fatalf("socket not re-created after kubelet restart: %v", err)
@@ -225,13 +184,13 @@ func TestWaitsForKubeletThenReregistersOnRestart(t *testing.T) {
 
 func TestStopRemovesSocketAndLeaksNothing(t *testing.T) {
 	dir := t.TempDir()
-	k := startKubelet(t, dir)
 	before := runtime.NumGoroutine()
 	fdsBefore := openFDs(t)
-	for range 20 {
+	k := deviceplugintest.Start(t, dir)
+	for i := range 20 {
 		s := deviceplugin.New("example.com/thing", allocator{}, deviceplugin.WithDir(dir))
 		stop := runServer(t, s)
-		k.waitRegistration(t)
+		waitRegistrations(k, i+1)
 		c, conn := dial(t, s.SocketPath())
 		stream, err := c.ListAndWatch(context.Background(), &pluginapi.Empty{})
 		if err != nil {
@@ -249,6 +208,7 @@ func TestStopRemovesSocketAndLeaksNothing(t *testing.T) {
 		}
 		conn.Close()
 	}
+	k.Stop()
 	// Goroutines of closed connections end asynchronously: allow them a
 	// moment, then the counts must be back where they started.
 	eventually(t, "goroutines back to their number before the runs", func() bool {
@@ -265,4 +225,27 @@ func openFDs(t *testing.T) int {
 		t.Skip("no /proc/self/fd")
 	}
 	return len(entries)
+}
+
+func TestLongResourceNameGetsAShortSocket(t *testing.T) {
+	base, err := os.MkdirTemp("", "dp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(base) })
+	dir := filepath.Join(base, strings.Repeat("d", 40)) // a short base: kubelet.sock must still fit
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	k := deviceplugintest.Start(t, dir)
+	long := "nvidia.com/" + strings.Repeat("GH100_H100_SXM5_", 3) + "80GB_HBM3_WITH_A_VERY_LONG_NAME"
+	s := deviceplugin.New(long, allocator{}, deviceplugin.WithDir(dir))
+	runServer(t, s)
+	if r := waitRegistrations(k, 1); r.ResourceName != long || len(s.SocketPath()) > 107 {
+		t.Errorf("registered %q on %q (%d chars)", r.ResourceName, s.SocketPath(), len(s.SocketPath()))
+	}
+	other := deviceplugin.New(long+"2", allocator{}, deviceplugin.WithDir(dir))
+	if other.SocketPath() == s.SocketPath() {
+		t.Error("two long resources share a socket name")
+	}
 }

@@ -96,3 +96,27 @@ func NoIOMMU() Node {
 	n.NoIOMMU = true
 	return n
 }
+
+// BoundToVFIO returns n with every NVIDIA function, and every function that
+// shares a group with one, already held by vfio-pci when the tree is built,
+// as vfio-manager leaves a node. Their native drivers stay as they were.
+func BoundToVFIO(n Node) Node {
+	groups := map[int]bool{}
+	for _, d := range n.Devices {
+		if d.Vendor == VendorNVIDIA && d.Class>>8 != ClassBridge>>8 {
+			groups[d.IOMMUGroup] = true
+		}
+	}
+	out := n
+	out.Devices = append([]Device(nil), n.Devices...)
+	for i, d := range out.Devices {
+		if groups[d.IOMMUGroup] && d.Class>>8 != ClassBridge>>8 {
+			if d.NativeDriver == "" {
+				out.Devices[i].NativeDriver = d.Driver
+			}
+			out.Devices[i].Driver = "vfio-pci"
+		}
+	}
+	out.Drivers = append(append([]string(nil), n.Drivers...), "vfio-pci")
+	return out
+}

@@ -1,0 +1,74 @@
+// Command sandbox-device-plugin advertises the GPUs that vfio holds to the
+// kubelet, for Kata Containers VMs to pass through.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/pflag"
+
+	"github.com/gpu-sandbox/gpu-sandbox/internal/cli"
+	"github.com/gpu-sandbox/gpu-sandbox/internal/sandboxplugin"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/cdi"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/deviceplugin"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
+)
+
+func main() {
+	os.Exit(cli.ExitCode(run()))
+}
+
+func run() error {
+	fs := cli.NewFlagSet("Usage: sandbox-device-plugin [flags]\n\n" +
+		"Advertises vfio-bound GPUs to the kubelet (one resource per model, or P_GPU_ALIAS),\n" +
+		"with health, NUMA, VFIO device nodes and CDI devices; runs until SIGTERM.")
+	var cfg sandboxplugin.Config
+	var logFormat, logLevel string
+	fs.StringVar(&cfg.PluginDir, "device-plugin-path", deviceplugin.DefaultDir, "the kubelet's device-plugin directory")
+	fs.StringVar(&cfg.SysfsRoot, "sysfs-root", vfio.DefaultSysfsRoot, "sysfs mount")
+	fs.StringVar(&cfg.DevRoot, "dev-root", vfio.DefaultDevRoot, "/dev of the host")
+	fs.StringVar(&cfg.CDIRoot, "cdi-root", cdi.DefaultRoot, "directory for the CDI specs")
+	fs.StringVar(&cfg.VFIOMode, "vfio-mode", "auto", "auto, legacy (/dev/vfio/<group>) or iommufd (/dev/vfio/devices/vfioN)")
+	fs.StringVar(&cfg.GPUAlias, "gpu-alias", "", "advertise every GPU under nvidia.com/<alias> (e.g. pgpu) instead of per-model names")
+	fs.StringVar(&cfg.NVSwitchAlias, "nvswitch-alias", sandboxplugin.DefaultNVSwitchAlias, "resource name for NVSwitches; empty for per-model names")
+	fs.StringVar(&cfg.Select, "select", vfio.DefaultSelect, "vendor[:device] hex ids to advertise; 10de means NVIDIA GPUs and NVSwitches")
+	fs.StringVar(&cfg.HealthAddress, "health-address", "", "address for /healthz, /readyz and /metrics, e.g. :8081 (empty: none)")
+	fs.StringVar(&cfg.PCIIDs, "pci-ids", "", "pci.ids file for model names (default: the system's, else built in)")
+	fs.DurationVar(&cfg.PollInterval, "health-poll-interval", sandboxplugin.DefaultPollInterval, "how often driver links are checked for changes /dev does not show")
+	fs.DurationVar(&cfg.RescanInterval, "rescan-interval", sandboxplugin.DefaultRescanInterval, "how often everything is read again")
+	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	for flag, env := range map[string]string{
+		"device-plugin-path": "DEVICE_PLUGIN_PATH", "sysfs-root": "SYSFS_ROOT", "dev-root": "DEV_ROOT",
+		"cdi-root": "CDI_ROOT", "vfio-mode": "VFIO_MODE", "gpu-alias": "P_GPU_ALIAS",
+		"nvswitch-alias": "NVSWITCH_ALIAS", "select": "VFIO_SELECT", "health-address": "HEALTH_ADDRESS",
+		"pci-ids": "PCI_IDS", "health-poll-interval": "HEALTH_POLL_INTERVAL", "rescan-interval": "RESCAN_INTERVAL",
+		"log-format": "LOG_FORMAT", "log-level": "LOG_LEVEL",
+	} {
+		fs.Env(flag, env)
+	}
+	args, err := fs.Parse(os.Args[1:], os.LookupEnv)
+	if errors.Is(err, pflag.ErrHelp) {
+		return nil
+	}
+	if err == nil && len(args) > 0 {
+		err = cli.Usagef("unexpected arguments %q", args)
+	}
+	if err == nil {
+		cfg.Log, err = cli.NewLogger(os.Stderr, logFormat, logLevel)
+	}
+	if err == nil {
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+		defer stop()
+		err = sandboxplugin.Run(ctx, cfg)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "sandbox-device-plugin: %v\n", err)
+	}
+	return err
+}

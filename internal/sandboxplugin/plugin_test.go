@@ -1,0 +1,396 @@
+package sandboxplugin_test
+
+import (
+	"bytes"
+	"context"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
+	cdiapi "tags.cncf.io/container-device-interface/pkg/cdi"
+
+	"github.com/gpu-sandbox/gpu-sandbox/internal/sandboxplugin"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/deviceplugin/deviceplugintest"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio/vfiotest"
+)
+
+const (
+	h100     = "nvidia.com/GH100_H100_SXM5_80GB"
+	nvswitch = "nvidia.com/nvswitch"
+)
+
+// node is a fake node with a kubelet stand-in and the agent's config.
+type node struct {
+	tree    *vfiotest.Tree
+	emu     *vfiotest.Emulator
+	kubelet *deviceplugintest.Kubelet
+	cfg     sandboxplugin.Config
+	logs    *syncBuffer
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func newNode(t *testing.T, n vfiotest.Node, startKubelet bool) *node {
+	t.Helper()
+	tree, emu := vfiotest.New(t, n)
+	dir := filepath.Join(t.TempDir(), "device-plugins")
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	logs := &syncBuffer{}
+	log := logrus.New()
+	log.SetOutput(logs)
+	nd := &node{tree: tree, emu: emu, logs: logs, cfg: sandboxplugin.Config{
+		PluginDir: dir, SysfsRoot: tree.SysfsRoot, DevRoot: tree.DevRoot, CDIRoot: filepath.Join(t.TempDir(), "cdi"),
+		VFIOMode: "auto", NVSwitchAlias: "nvswitch", PollInterval: 20 * time.Millisecond, RescanInterval: time.Minute,
+		Log: log,
+	}}
+	if startKubelet {
+		nd.kubelet = deviceplugintest.Start(t, dir)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("agent logs:\n%s", logs)
+		}
+	})
+	return nd
+}
+
+// run starts the agent; the returned function stops it and checks it ended
+// cleanly.
+func (n *node) run(t *testing.T) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- sandboxplugin.Run(ctx, n.cfg) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Errorf("Run: %v\nlogs:\n%s", err, n.logs)
+				}
+			case <-time.After(10 * time.Second):
+				t.Errorf("Run did not return after cancel")
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
+func allocate(t *testing.T, p *deviceplugintest.Plugin, ids ...string) (*pluginapi.ContainerAllocateResponse, error) {
+	t.Helper()
+	resp, err := p.Client.Allocate(context.Background(), &pluginapi.AllocateRequest{
+		ContainerRequests: []*pluginapi.ContainerAllocateRequest{{DevicesIds: ids}}})
+	if err != nil {
+		return nil, err
+	}
+	return resp.ContainerResponses[0], nil
+}
+
+func count(list []*pluginapi.Device, health string) int {
+	n := 0
+	for _, d := range list {
+		if d.Health == health {
+			n++
+		}
+	}
+	return n
+}
+
+func TestAdvertisesHGX(t *testing.T) {
+	n := newNode(t, vfiotest.BoundToVFIO(vfiotest.HGXH100()), true)
+	stop := n.run(t)
+	gpus := n.kubelet.WaitForDevices(h100, func(l []*pluginapi.Device) bool { return count(l, pluginapi.Healthy) == 8 })
+	switches := n.kubelet.WaitForDevices(nvswitch, func(l []*pluginapi.Device) bool { return count(l, pluginapi.Healthy) == 4 })
+	if got := len(n.kubelet.Registrations()); got != 2 {
+		t.Errorf("%d registrations, want one per resource", got)
+	}
+	for _, d := range gpus.Devices() {
+		want := int64(0)
+		if slices.Index(vfiotest.HGXH100GPUs, d.ID) >= 4 {
+			want = 1
+		}
+		if d.Topology == nil || d.Topology.Nodes[0].ID != want {
+			t.Errorf("%s: topology %v, want NUMA node %d", d.ID, d.Topology, want)
+		}
+	}
+	if !gpus.Options.GetPreferredAllocationAvailable {
+		t.Error("preferred allocation not offered")
+	}
+	_ = switches
+
+	resp, err := allocate(t, gpus, "0000:2a:00.0", "0000:18:00.0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var paths []string
+	for _, d := range resp.Devices {
+		paths = append(paths, d.HostPath)
+		if d.ContainerPath != d.HostPath || d.Permissions != "mrw" {
+			t.Errorf("device spec %+v", d)
+		}
+	}
+	if !slices.Equal(paths, []string{"/dev/vfio/21", "/dev/vfio/20", "/dev/vfio/vfio"}) {
+		t.Errorf("device nodes %v", paths)
+	}
+	if env := resp.Envs["PCI_RESOURCE_NVIDIA_COM_GH100_H100_SXM5_80GB"]; env != "0000:2a:00.0,0000:18:00.0" {
+		t.Errorf("env %v", resp.Envs)
+	}
+	var cdiNames []string
+	for _, d := range resp.CdiDevices {
+		cdiNames = append(cdiNames, d.Name)
+	}
+	if !slices.Equal(cdiNames, []string{h100 + "=0000:2a:00.0", h100 + "=0000:18:00.0"}) {
+		t.Errorf("CDI devices %v", cdiNames)
+	}
+
+	// The CDI names handed out resolve to the same group nodes in the specs.
+	cache, err := cdiapi.NewCache(cdiapi.WithSpecDirs(n.cfg.CDIRoot), cdiapi.WithAutoRefresh(false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range append(cdiNames, "nvidia.com/pgpu=0", "nvidia.com/pgpu=0000:db:00.0", nvswitch+"=0000:05:00.0") {
+		if cache.GetDevice(name) == nil {
+			t.Errorf("CDI device %s not in the specs (errors: %v)", name, cache.GetErrors())
+		}
+	}
+	if d := cache.GetDevice(h100 + "=0000:2a:00.0"); d != nil && d.ContainerEdits.DeviceNodes[0].Path != "/dev/vfio/21" {
+		t.Errorf("CDI device for 0000:2a:00.0 opens %s", d.ContainerEdits.DeviceNodes[0].Path)
+	}
+
+	pref, err := gpus.Client.GetPreferredAllocation(context.Background(), &pluginapi.PreferredAllocationRequest{
+		ContainerRequests: []*pluginapi.ContainerPreferredAllocationRequest{{
+			AvailableDeviceIDs: vfiotest.HGXH100GPUs, MustIncludeDeviceIDs: []string{"0000:ab:00.0"}, AllocationSize: 4}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := pref.ContainerResponses[0].DeviceIDs
+	slices.Sort(got)
+	if !slices.Equal(got, vfiotest.HGXH100GPUs[4:]) {
+		t.Errorf("preferred %v; want the four GPUs of NUMA node 1", got)
+	}
+
+	stop()
+	if entries, _ := os.ReadDir(n.cfg.CDIRoot); len(entries) != 0 {
+		t.Errorf("CDI specs left after stop: %v", entries)
+	}
+	for _, r := range n.kubelet.Registrations() {
+		if _, err := os.Stat(filepath.Join(n.cfg.PluginDir, r.Endpoint)); err == nil {
+			t.Errorf("socket %s left after stop", r.Endpoint)
+		}
+	}
+}
+
+func TestHealthFollowsNodesAndDrivers(t *testing.T) {
+	n := newNode(t, vfiotest.BoundToVFIO(vfiotest.HGXH100()), true)
+	n.run(t)
+	gpus := n.kubelet.WaitForDevices(h100, func(l []*pluginapi.Device) bool { return count(l, pluginapi.Healthy) == 8 })
+	health := func(id, want string) {
+		t.Helper()
+		n.kubelet.WaitForDevices(h100, func(l []*pluginapi.Device) bool {
+			return deviceplugintest.Health(l, id) == want
+		})
+	}
+
+	// The group node disappears and comes back.
+	node := n.tree.GroupNode(22)
+	if err := os.Rename(node, node+".gone"); err != nil {
+		t.Fatal(err)
+	}
+	health("0000:3a:00.0", pluginapi.Unhealthy)
+	if _, err := allocate(t, gpus, "0000:3a:00.0"); err == nil || !strings.Contains(err.Error(), "0000:3a:00.0") {
+		t.Errorf("allocation of an unhealthy device: %v", err)
+	}
+	if err := os.Rename(node+".gone", node); err != nil {
+		t.Fatal(err)
+	}
+	health("0000:3a:00.0", pluginapi.Healthy)
+
+	// The driver changes away from vfio-pci, then back.
+	write(t, n.tree, "bus/pci/drivers/vfio-pci/unbind", "0000:5d:00.0")
+	health("0000:5d:00.0", pluginapi.Unhealthy)
+	write(t, n.tree, "bus/pci/devices/0000:5d:00.0/driver_override", "vfio-pci")
+	write(t, n.tree, "bus/pci/drivers_probe", "0000:5d:00.0")
+	health("0000:5d:00.0", pluginapi.Healthy)
+
+	// The device leaves the bus.
+	if err := n.emu.RemoveDevice("0000:db:00.0"); err != nil {
+		t.Fatal(err)
+	}
+	health("0000:db:00.0", pluginapi.Unhealthy)
+	if !strings.Contains(n.logs.String(), "device unhealthy") {
+		t.Errorf("health changes not logged:\n%s", n.logs)
+	}
+}
+
+func write(t *testing.T, tree *vfiotest.Tree, attr, value string) {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(tree.SysfsRoot, attr), []byte(value), 0); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestAliasPGPU(t *testing.T) {
+	n := newNode(t, vfiotest.BoundToVFIO(vfiotest.HGXH100()), true)
+	n.cfg.GPUAlias = "pgpu"
+	n.run(t)
+	p := n.kubelet.WaitForDevices("nvidia.com/pgpu", func(l []*pluginapi.Device) bool { return len(l) == 8 })
+	resp, err := allocate(t, p, "0000:db:00.0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.CdiDevices[0].Name != "nvidia.com/pgpu=0000:db:00.0" || resp.Envs["PCI_RESOURCE_NVIDIA_COM_PGPU"] != "0000:db:00.0" {
+		t.Errorf("allocate: %+v", resp)
+	}
+	entries, _ := os.ReadDir(n.cfg.CDIRoot)
+	var files []string
+	for _, e := range entries {
+		files = append(files, e.Name())
+	}
+	if !slices.Equal(files, []string{"nvidia.com-nvswitch.yaml", "nvidia.com-pgpu.yaml"}) {
+		t.Errorf("CDI specs %v; want one pgpu spec (no second spec of the same kind)", files)
+	}
+}
+
+func TestNoGPUsThenBoundLater(t *testing.T) {
+	n := newNode(t, vfiotest.A10WithAudio(), false)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := lis.Addr().String()
+	lis.Close()
+	n.cfg.HealthAddress = addr
+	n.run(t)
+	get := func(path string) int {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			resp, err := http.Get("http://" + addr + path)
+			if err == nil {
+				resp.Body.Close()
+				return resp.StatusCode
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("GET %s: %v", path, err)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	if code := get("/healthz"); code != 200 {
+		t.Errorf("/healthz %d with no GPUs", code)
+	}
+
+	// The kubelet comes up after the plugin; then the GPU is bound.
+	n.kubelet = deviceplugintest.Start(t, n.cfg.PluginDir)
+	for _, d := range []struct{ addr, drv string }{{"0000:65:00.0", "nvidia"}, {"0000:65:00.1", "snd_hda_intel"}} {
+		write(t, n.tree, "bus/pci/devices/"+d.addr+"/driver_override", "vfio-pci")
+		write(t, n.tree, "bus/pci/drivers/"+d.drv+"/unbind", d.addr)
+		write(t, n.tree, "bus/pci/drivers_probe", d.addr)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			e, _ := os.ReadDir(n.tree.DevRoot + "/vfio")
+			t.Logf("drivers %q %q, /dev/vfio %v", n.tree.Driver("0000:65:00.0"), n.tree.Driver("0000:65:00.1"), e)
+		}
+	})
+	n.kubelet.WaitForDevices("nvidia.com/GA102GL_A10", func(l []*pluginapi.Device) bool {
+		return deviceplugintest.Health(l, "0000:65:00.0") == pluginapi.Healthy
+	})
+	deadline := time.Now().Add(5 * time.Second)
+	for get("/readyz") != 200 {
+		if time.Now().After(deadline) {
+			t.Fatal("/readyz not 200 after registration")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var body bytes.Buffer
+	body.ReadFrom(resp.Body)
+	if !strings.Contains(body.String(), `gpu_sandbox_devices{health="healthy",resource="nvidia.com/GA102GL_A10"} 1`) {
+		t.Errorf("metrics:\n%s", body.String())
+	}
+}
+
+func TestIOMMUFD(t *testing.T) {
+	spec := vfiotest.BoundToVFIO(vfiotest.A10WithAudio())
+	spec.CDev = true
+	n := newNode(t, spec, true)
+	n.run(t)
+	p := n.kubelet.WaitForDevices("nvidia.com/GA102GL_A10", func(l []*pluginapi.Device) bool { return len(l) == 1 })
+	resp, err := allocate(t, p, "0000:65:00.0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var paths []string
+	for _, d := range resp.Devices {
+		paths = append(paths, d.HostPath)
+	}
+	if len(paths) != 3 || !strings.HasPrefix(paths[0], "/dev/vfio/devices/vfio") || paths[2] != "/dev/iommu" {
+		t.Errorf("iommufd device nodes %v; want both functions' cdevs and /dev/iommu", paths)
+	}
+	for _, path := range paths {
+		if path == "/dev/vfio/vfio" || strings.HasPrefix(path, "/dev/vfio/2") {
+			t.Errorf("legacy node %s in iommufd mode", path)
+		}
+	}
+}
+
+func TestModelsThatSanitiseAlikeShareOneResource(t *testing.T) {
+	ids := filepath.Join(t.TempDir(), "pci.ids")
+	if err := os.WriteFile(ids, []byte("10de  NVIDIA Corporation\n\t2236  GA102GL [A10]\n\t2237  GA102GL A10\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	spec := vfiotest.BoundToVFIO(vfiotest.GroupWithNIC())
+	spec.Devices = slices.DeleteFunc(spec.Devices, func(d vfiotest.Device) bool { return d.Vendor != vfiotest.VendorNVIDIA })
+	spec.Devices[1].Device = 0x2237
+	n := newNode(t, spec, true)
+	n.cfg.PCIIDs = ids
+	n.run(t)
+	n.kubelet.WaitForDevices("nvidia.com/GA102GL_A10", func(l []*pluginapi.Device) bool { return len(l) == 2 })
+	if regs := n.kubelet.Registrations(); len(regs) != 1 {
+		t.Errorf("%d registrations; want one resource, one socket", len(regs))
+	}
+}
+
+func TestUnreadableDeviceIsSkipped(t *testing.T) {
+	n := newNode(t, vfiotest.BoundToVFIO(vfiotest.HGXH100()), true)
+	if err := os.Remove(filepath.Join(n.tree.SysfsRoot, "bus/pci/devices/0000:18:00.0/vendor")); err != nil {
+		t.Fatal(err)
+	}
+	n.run(t)
+	n.kubelet.WaitForDevices(h100, func(l []*pluginapi.Device) bool { return len(l) == 7 })
+	if !strings.Contains(n.logs.String(), "0000:18:00.0") {
+		t.Errorf("the skipped device is not named in the logs:\n%s", n.logs)
+	}
+}

@@ -19,7 +19,14 @@ var binDir string
 
 const testVersion = "v0.0.0-e2e"
 
+// binDirEnv hands the built binaries to a test rerun in a child process.
+const binDirEnv = "GPU_SANDBOX_E2E_BIN"
+
 func TestMain(m *testing.M) {
+	if dir := os.Getenv(binDirEnv); dir != "" {
+		binDir = dir
+		os.Exit(m.Run())
+	}
 	dir, err := os.MkdirTemp("", "gpu-sandbox-e2e-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -287,7 +287,7 @@ func TestVFIOManagerRun(t *testing.T) {
 }
 
 func TestVersion(t *testing.T) {
-	for _, bin := range []string{"vfio-manager", "vfio-manage"} {
+	for _, bin := range []string{"vfio-manager", "vfio-manage", "sandbox-device-plugin"} {
 		r := run(t, bin, nil, "--version")
 		if r.code != 0 || !strings.Contains(r.stdout, testVersion) {
 			t.Errorf("%s --version: %s", bin, r)

@@ -1,0 +1,244 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	cadvisorapi "github.com/google/cadvisor/info/v1"
+	oci "github.com/opencontainers/runtime-spec/specs-go"
+	v1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/sets"
+	"k8s.io/klog/v2"
+	"k8s.io/kubernetes/pkg/kubelet/cm/containermap"
+	"k8s.io/kubernetes/pkg/kubelet/cm/devicemanager"
+	"k8s.io/kubernetes/pkg/kubelet/cm/topologymanager"
+	"k8s.io/kubernetes/pkg/kubelet/lifecycle"
+	cdiapi "tags.cncf.io/container-device-interface/pkg/cdi"
+
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio/vfiotest"
+)
+
+// The kubelet's device manager is wired to /var/lib/kubelet/device-plugins.
+// Its test runs in a private mount namespace with a tmpfs over /var/lib, so
+// it neither needs nor touches the machine's own kubelet directory.
+const inNamespaceEnv = "GPU_SANDBOX_E2E_MOUNT_NS"
+
+// inPrivateMounts reruns the calling test in a private mount namespace and
+// reports false in the parent, which should return; in the child it mounts
+// the tmpfs and reports true.
+func inPrivateMounts(t *testing.T) bool {
+	t.Helper()
+	if os.Getenv(inNamespaceEnv) == "" {
+		if os.Geteuid() != 0 {
+			t.Fatal("this test runs the kubelet's device manager in a private mount namespace and needs root (make test runs as root in CI)")
+		}
+		cmd := exec.Command("unshare", "--mount", "--propagation", "private", "--",
+			os.Args[0], "-test.run", "^"+t.Name()+"$", "-test.count=1", "-test.v")
+		cmd.Env = append(os.Environ(), inNamespaceEnv+"=1", binDirEnv+"="+binDir)
+		out, err := cmd.CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "--- PASS: "+t.Name()) {
+			t.Fatalf("%s in a private mount namespace: %v\n%s", t.Name(), err, out)
+		}
+		return false
+	}
+	if err := syscall.Mount("tmpfs", "/var/lib", "tmpfs", 0, "mode=0755"); err != nil {
+		t.Fatalf("mount tmpfs on /var/lib: %v", err)
+	}
+	return true
+}
+
+type kubelet struct {
+	m    *devicemanager.ManagerImpl
+	pods []*v1.Pod
+}
+
+func startKubelet(t *testing.T) *kubelet {
+	t.Helper()
+	logger := klog.Background()
+	m, err := devicemanager.NewManagerImpl(logger, []cadvisorapi.Node{{Id: 0}, {Id: 1}}, topologymanager.NewFakeManager(logger))
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := &kubelet{m: m}
+	if err := m.Start(logger, func() []*v1.Pod { return k.pods }, readySources{}, containermap.NewContainerMap(), sets.New[string]()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = m.Stop(logger) })
+	return k
+}
+
+type readySources struct{}
+
+func (readySources) AddSource(string) {}
+func (readySources) AllReady() bool   { return true }
+
+// waitCapacity waits until the manager's allocatable count for each
+// resource is as given.
+func (k *kubelet) waitCapacity(t *testing.T, want map[string]int64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, allocatable, _ := k.m.GetCapacity(klog.Background())
+		ok := true
+		for r, n := range want {
+			q := allocatable[v1.ResourceName(r)]
+			if q.Value() != n {
+				ok = false
+			}
+		}
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("allocatable %v, want %v", allocatable, want)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func (k *kubelet) allocate(t *testing.T, name, res string, n int64) *devicemanager.DeviceRunContainerOptions {
+	t.Helper()
+	c := v1.Container{Name: "cuda", Resources: v1.ResourceRequirements{
+		Limits: v1.ResourceList{v1.ResourceName(res): *resource.NewQuantity(n, resource.DecimalSI)}}}
+	pod := &v1.Pod{ObjectMeta: metav1.ObjectMeta{Name: name, UID: types.UID(name + "-uid")},
+		Spec: v1.PodSpec{Containers: []v1.Container{c}}}
+	k.pods = append(k.pods, pod)
+	ctx := context.Background()
+	if err := k.m.Allocate(ctx, pod, &pod.Spec.Containers[0], lifecycle.AddOperation); err != nil {
+		t.Fatalf("allocate %d %s: %v", n, res, err)
+	}
+	opts, err := k.m.GetDeviceRunContainerOptions(ctx, pod, &pod.Spec.Containers[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return opts
+}
+
+func TestDevicePluginWithKubeletDeviceManager(t *testing.T) {
+	if !inPrivateMounts(t) {
+		return
+	}
+	const gpu, nvswitch = "nvidia.com/GH100_H100_SXM5_80GB", "nvidia.com/nvswitch"
+	pluginDir := "/var/lib/kubelet/device-plugins"
+	tree, _ := vfiotest.New(t, vfiotest.BoundToVFIO(vfiotest.HGXH100()))
+	cdiRoot := filepath.Join(t.TempDir(), "cdi")
+	k := startKubelet(t)
+
+	plugin := exec.Command(filepath.Join(binDir, "sandbox-device-plugin"),
+		"--device-plugin-path", pluginDir, "--sysfs-root", tree.SysfsRoot, "--dev-root", tree.DevRoot,
+		"--cdi-root", cdiRoot, "--vfio-mode", "legacy", "--log-format", "json")
+	plugin.Env = cleanEnv()
+	var logs strings.Builder
+	plugin.Stderr = &logs
+	if err := plugin.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		plugin.Process.Signal(syscall.SIGTERM)
+		plugin.Wait()
+		if t.Failed() {
+			t.Logf("plugin logs:\n%s", logs.String())
+		}
+	})
+
+	k.waitCapacity(t, map[string]int64{gpu: 8, nvswitch: 4})
+
+	opts := k.allocate(t, "pod-a", gpu, 2)
+	var nodes, cdiNames []string
+	for _, d := range opts.Devices {
+		nodes = append(nodes, d.PathOnHost)
+	}
+	for _, d := range opts.CDIDevices {
+		cdiNames = append(cdiNames, d.Name)
+	}
+	env := map[string]string{}
+	for _, e := range opts.Envs {
+		env[e.Name] = e.Value
+	}
+	addrs := strings.Split(env["PCI_RESOURCE_NVIDIA_COM_GH100_H100_SXM5_80GB"], ",")
+	if len(addrs) != 2 {
+		t.Fatalf("env %v", env)
+	}
+	for _, a := range addrs {
+		group := 20 + slices.Index(vfiotest.HGXH100GPUs, a)
+		if !slices.Contains(nodes, fmt.Sprintf("/dev/vfio/%d", group)) {
+			t.Errorf("allocated %s but device nodes %v lack its group %d", a, nodes, group)
+		}
+		if !slices.Contains(cdiNames, gpu+"="+a) {
+			t.Errorf("allocated %s but CDI devices are %v", a, cdiNames)
+		}
+	}
+	if !slices.Contains(nodes, "/dev/vfio/vfio") || len(nodes) != 3 {
+		t.Errorf("device nodes %v", nodes)
+	}
+
+	// The runtime's side: the CDI names resolve and edit an OCI spec.
+	cache, err := cdiapi.NewCache(cdiapi.WithSpecDirs(cdiRoot), cdiapi.WithAutoRefresh(false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := &oci.Spec{}
+	if _, err := cache.InjectDevices(spec, cdiNames...); err != nil {
+		t.Fatalf("inject %v: %v", cdiNames, err)
+	}
+	if len(spec.Linux.Devices) != 3 {
+		t.Errorf("OCI devices after injection: %+v", spec.Linux.Devices)
+	}
+
+	// Health reaches the manager: a group node goes, the device is no
+	// longer allocatable; it comes back, so does the device.
+	free := ""
+	for _, a := range vfiotest.HGXH100GPUs {
+		if !slices.Contains(addrs, a) {
+			free = a
+			break
+		}
+	}
+	node := tree.GroupNode(20 + slices.Index(vfiotest.HGXH100GPUs, free))
+	if err := os.Rename(node, node+".gone"); err != nil {
+		t.Fatal(err)
+	}
+	k.waitCapacity(t, map[string]int64{gpu: 7})
+	if err := os.Rename(node+".gone", node); err != nil {
+		t.Fatal(err)
+	}
+	k.waitCapacity(t, map[string]int64{gpu: 8})
+
+	// A kubelet restart: a new manager wipes the directory and serves a new
+	// kubelet.sock; the plugin registers again.
+	if err := k.m.Stop(klog.Background()); err != nil {
+		t.Fatal(err)
+	}
+	k2 := startKubelet(t)
+	k2.waitCapacity(t, map[string]int64{gpu: 8, nvswitch: 4})
+	opts = k2.allocate(t, "pod-b", nvswitch, 4)
+	if len(opts.CDIDevices) != 4 || !strings.HasPrefix(opts.CDIDevices[0].Name, nvswitch+"=") {
+		t.Errorf("NVSwitch allocation after restart: %+v", opts.CDIDevices)
+	}
+
+	// A clean stop removes the plugin's sockets and CDI specs.
+	plugin.Process.Signal(syscall.SIGTERM)
+	if err := plugin.Wait(); err != nil {
+		t.Fatalf("plugin exit: %v", err)
+	}
+	entries, _ := os.ReadDir(pluginDir)
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), "gpu-sandbox-") {
+			t.Errorf("socket %s left after SIGTERM", e.Name())
+		}
+	}
+	if specs, _ := os.ReadDir(cdiRoot); len(specs) != 0 {
+		t.Errorf("CDI specs left after SIGTERM: %v", specs)
+	}
+}

@@ -53,7 +53,7 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-func newNode(t *testing.T, n vfiotest.Node, startKubelet bool) *node {
+func newNode(t testing.TB, n vfiotest.Node, startKubelet bool) *node {
 	t.Helper()
 	tree, emu := vfiotest.New(t, n)
 	dir := filepath.Join(t.TempDir(), "device-plugins")
@@ -81,7 +81,7 @@ func newNode(t *testing.T, n vfiotest.Node, startKubelet bool) *node {
 
 // run starts the agent; the returned function stops it and checks it ended
 // cleanly.
-func (n *node) run(t *testing.T) (stop func()) {
+func (n *node) run(t testing.TB) (stop func()) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -261,7 +261,7 @@ func TestAliasPGPU(t *testing.T) {
 	n := newNode(t, vfiotest.BoundToVFIO(vfiotest.HGXH100()), true)
 	n.cfg.GPUAlias = "pgpu"
 	n.run(t)
-	p := n.kubelet.WaitForDevices("nvidia.com/pgpu", func(l []*pluginapi.Device) bool { return len(l) == 8 })
+	p := n.kubelet.WaitForDevices("nvidia.com/pgpu", func(l []*pluginapi.Device) bool { return count(l, pluginapi.Healthy) == 8 })
 	resp, err := allocate(t, p, "0000:db:00.0")
 	if err != nil {
 		t.Fatal(err)
@@ -347,7 +347,7 @@ func TestIOMMUFD(t *testing.T) {
 	spec.CDev = true
 	n := newNode(t, spec, true)
 	n.run(t)
-	p := n.kubelet.WaitForDevices("nvidia.com/GA102GL_A10", func(l []*pluginapi.Device) bool { return len(l) == 1 })
+	p := n.kubelet.WaitForDevices("nvidia.com/GA102GL_A10", func(l []*pluginapi.Device) bool { return count(l, pluginapi.Healthy) == 1 })
 	resp, err := allocate(t, p, "0000:65:00.0")
 	if err != nil {
 		t.Fatal(err)
@@ -377,7 +377,7 @@ func TestModelsThatSanitiseAlikeShareOneResource(t *testing.T) {
 	n := newNode(t, spec, true)
 	n.cfg.PCIIDs = ids
 	n.run(t)
-	n.kubelet.WaitForDevices("nvidia.com/GA102GL_A10", func(l []*pluginapi.Device) bool { return len(l) == 2 })
+	n.kubelet.WaitForDevices("nvidia.com/GA102GL_A10", func(l []*pluginapi.Device) bool { return count(l, pluginapi.Healthy) == 2 })
 	if regs := n.kubelet.Registrations(); len(regs) != 1 {
 		t.Errorf("%d registrations; want one resource, one socket", len(regs))
 	}
@@ -389,7 +389,7 @@ func TestUnreadableDeviceIsSkipped(t *testing.T) {
 		t.Fatal(err)
 	}
 	n.run(t)
-	n.kubelet.WaitForDevices(h100, func(l []*pluginapi.Device) bool { return len(l) == 7 })
+	n.kubelet.WaitForDevices(h100, func(l []*pluginapi.Device) bool { return count(l, pluginapi.Healthy) == 7 })
 	if !strings.Contains(n.logs.String(), "0000:18:00.0") {
 		t.Errorf("the skipped device is not named in the logs:\n%s", n.logs)
 	}

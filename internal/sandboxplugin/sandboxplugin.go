@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/fsnotify/fsnotify"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 	specs "tags.cncf.io/container-device-interface/specs-go"
@@ -274,17 +275,24 @@ func (p *plugin) scan(ctx context.Context) {
 		}
 	}
 
+	prev := p.state.Load().devices
 	snap := &snapshot{mode: mode, devices: make(map[string]*device, len(p.known))}
-	byResource := map[string][]deviceplugin.Device{}
+	early, final := map[string][]deviceplugin.Device{}, map[string][]deviceplugin.Device{}
 	for id, d := range p.known {
 		c := *d
 		snap.devices[id] = &c
-		byResource[d.Resource] = append(byResource[d.Resource], deviceplugin.Device{ID: id, Healthy: d.Healthy, NUMANode: d.NUMA})
+		was := prev[id] != nil && prev[id].Healthy
+		early[d.Resource] = append(early[d.Resource], deviceplugin.Device{ID: id, Healthy: d.Healthy && was, NUMANode: d.NUMA})
+		final[d.Resource] = append(final[d.Resource], deviceplugin.Device{ID: id, Healthy: d.Healthy, NUMANode: d.NUMA})
 	}
-	p.state.Store(snap)
-	// Specs first: a CDI name that Allocate hands out must already resolve.
+	// Bad news first: a device that failed is withdrawn at once. Good news
+	// waits for the CDI specs, so that a name Allocate hands out resolves.
+	for resource, list := range early {
+		p.server(ctx, resource).SetDevices(list)
+	}
 	p.writeSpecs(snap)
-	for resource, list := range byResource {
+	p.state.Store(snap)
+	for resource, list := range final {
 		p.server(ctx, resource).SetDevices(list)
 	}
 	p.m.update(snap)
@@ -356,7 +364,7 @@ func (p *plugin) server(ctx context.Context, resource string) *deviceplugin.Serv
 	if r := p.servers[resource]; r != nil {
 		return r.srv
 	}
-	srv := deviceplugin.New(resource, allocator{p: p, resource: resource},
+	srv := deviceplugin.New(resource, newAllocator(p, resource),
 		deviceplugin.WithDir(p.cfg.PluginDir),
 		deviceplugin.WithPreferrer(preferrer{p: p}),
 		deviceplugin.WithEventHandler(p.onEvent))
@@ -492,9 +500,16 @@ func (p *plugin) notReady() string {
 type allocator struct {
 	p        *plugin
 	resource string
+	env      string             // PCI_RESOURCE_NVIDIA_COM_<NAME>
+	count    prometheus.Counter // allocations of this resource
 }
 
-func (a allocator) Allocate(_ context.Context, ids []string) (*pluginapi.ContainerAllocateResponse, error) {
+func newAllocator(p *plugin, resource string) *allocator {
+	return &allocator{p: p, resource: resource, env: envName(resource),
+		count: p.m.allocations.WithLabelValues(resource)}
+}
+
+func (a *allocator) Allocate(_ context.Context, ids []string) (*pluginapi.ContainerAllocateResponse, error) {
 	snap := a.p.state.Load()
 	resp := &pluginapi.ContainerAllocateResponse{Envs: map[string]string{}}
 	for _, id := range ids {
@@ -509,8 +524,8 @@ func (a allocator) Allocate(_ context.Context, ids []string) (*pluginapi.Contain
 	}
 	common := vfio.CommonDevicePath(snap.mode)
 	resp.Devices = append(resp.Devices, &pluginapi.DeviceSpec{ContainerPath: common, HostPath: common, Permissions: "mrw"})
-	resp.Envs[envName(a.resource)] = strings.Join(ids, ",")
-	a.p.m.allocations.WithLabelValues(a.resource).Inc()
+	resp.Envs[a.env] = strings.Join(ids, ",")
+	a.count.Inc()
 	return resp, nil
 }
 

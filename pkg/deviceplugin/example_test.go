@@ -29,6 +29,7 @@ func Example() {
 	s := deviceplugin.New("example.com/thing", envAllocator{}, deviceplugin.WithDir(dir))
 	s.SetDevices([]deviceplugin.Device{{ID: "thing-0", Healthy: true, NUMANode: 0}, {ID: "thing-1", NUMANode: -1}})
 	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
 	done := make(chan error)
 	go func() { done <- s.Run(ctx) }()
 

@@ -9,6 +9,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // DefaultSysfsRoot is where the kernel mounts sysfs.
@@ -74,15 +76,12 @@ func (s *Sysfs) Devices() ([]*Device, error) {
 // other attributes fall back to "none" when the kernel does not expose them.
 func (s *Sysfs) Device(address string) (*Device, error) {
 	dir := s.DevicePath(address)
-	if _, err := os.Stat(dir); err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("read PCI device %s: %w", address, ErrDeviceNotFound)
-		}
-		return nil, fmt.Errorf("read PCI device %s: %w", address, err)
-	}
 	d := &Device{Address: address, IOMMUGroup: -1, NUMANode: -1}
 	var err error
 	if d.Vendor, err = readUint16(dir, "vendor"); err != nil {
+		if _, serr := os.Stat(dir); errors.Is(serr, fs.ErrNotExist) {
+			return nil, fmt.Errorf("read PCI device %s: %w", address, ErrDeviceNotFound)
+		}
 		return nil, fmt.Errorf("read PCI device %s: %w", address, err)
 	}
 	if d.Device, err = readUint16(dir, "device"); err != nil {
@@ -134,8 +133,14 @@ func (s *Sysfs) Device(address string) (*Device, error) {
 	if v, err := ReadAttr(dir, "sriov_totalvfs"); err == nil {
 		d.TotalVFs, _ = strconv.Atoi(v)
 	}
-	if d.Path, err = filepath.EvalSymlinks(dir); err != nil {
-		return nil, fmt.Errorf("read PCI device %s: %w", address, err)
+	d.Path = dir
+	// bus/pci/devices/<address> links to the device's place in the tree,
+	// relatively; a tree that holds the directory itself has no place.
+	if target, err := os.Readlink(dir); err == nil {
+		if !filepath.IsAbs(target) {
+			target = filepath.Join(filepath.Dir(dir), target)
+		}
+		d.Path = target
 	}
 	if parent := filepath.Base(filepath.Dir(d.Path)); addressPattern.MatchString(parent) {
 		d.Parent = parent
@@ -158,12 +163,21 @@ func (s *Sysfs) IOMMUGroupCount() (int, error) {
 }
 
 // ReadAttr returns a sysfs attribute with surrounding white space removed.
+// Attributes are small: one read into a stack buffer, with no stat and no
+// poller, keeps a scan of a big node to a few system calls per file.
 func ReadAttr(dir, name string) (string, error) {
-	b, err := os.ReadFile(filepath.Join(dir, name))
+	path := filepath.Join(dir, name)
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return "", fmt.Errorf("read %s: %w", name, err)
+		return "", fmt.Errorf("read %s: %w", name, &fs.PathError{Op: "open", Path: path, Err: err})
 	}
-	return strings.TrimSpace(string(b)), nil
+	var buf [256]byte
+	n, err := unix.Read(fd, buf[:])
+	unix.Close(fd)
+	if err != nil {
+		return "", fmt.Errorf("read %s: %w", name, &fs.PathError{Op: "read", Path: path, Err: err})
+	}
+	return strings.TrimSpace(string(buf[:max(n, 0)])), nil
 }
 
 func readHex(dir, name string, bits int) (uint64, error) {

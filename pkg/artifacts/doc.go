@@ -1,0 +1,18 @@
+// Package artifacts pulls OCI artifacts, such as Kata Containers guest
+// kernels, initrds and configuration files, from a registry into a
+// directory, on oras-go.
+//
+// Each layer lands in a file named by its org.opencontainers.image.title
+// annotation. A pull downloads the whole artifact into a staging directory,
+// verifies every blob against its digest, syncs it, and makes it current
+// with renames: the target path is a symbolic link to a directory named by
+// the manifest digest, replaced in one rename, so that readers see the old
+// set of files or the new one, never a mix. The resolved digest is recorded
+// in the directory (.artifact.json); pulling an unchanged reference costs one
+// manifest request and no blob bytes. A failed or interrupted pull leaves the
+// previous content in place; its debris is removed by the next pull.
+//
+// Titles that would leave the directory are refused, before any blob is
+// downloaded. Credentials come from a pull secret's .dockerconfigjson and are
+// never part of an error.
+package artifacts

@@ -20,8 +20,8 @@ import (
 	"testing"
 
 	"github.com/distribution/distribution/v3/configuration"
-	"github.com/distribution/distribution/v3/registry/handlers"
 	_ "github.com/distribution/distribution/v3/registry/auth/htpasswd"
+	"github.com/distribution/distribution/v3/registry/handlers"
 	_ "github.com/distribution/distribution/v3/registry/storage/driver/inmemory"
 	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -81,8 +81,8 @@ func kataArtifact(seed byte, size int) artifactFiles {
 		return b
 	}
 	return artifactFiles{
-		"configuration-nvidia-gpu-qemu.toml": []byte(fmt.Sprintf("[hypervisor.qemu]\npath = \"/opt/kata/bin/qemu-system-x86_64\"\nkernel = \"/opt/kata/share/kata-containers/vmlinuz.container\"\ninitrd = \"/opt/kata/share/kata-containers/kata-containers-initrd.img\"\n# seed %d\n", seed)),
-		"vmlinuz-6.1.62-nvidia-gpu":         blob(1),
+		"configuration-nvidia-gpu-qemu.toml":  []byte(fmt.Sprintf("[hypervisor.qemu]\npath = \"/opt/kata/bin/qemu-system-x86_64\"\nkernel = \"/opt/kata/share/kata-containers/vmlinuz.container\"\ninitrd = \"/opt/kata/share/kata-containers/kata-containers-initrd.img\"\n# seed %d\n", seed)),
+		"vmlinuz-6.1.62-nvidia-gpu":           blob(1),
 		"kata-ubuntu-jammy-nvidia-gpu.initrd": blob(2),
 	}
 }

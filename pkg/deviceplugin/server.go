@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/fsnotify/fsnotify"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
@@ -221,6 +222,7 @@ func (s *Server) Run(ctx context.Context) error {
 		s.events(Event{Resource: s.resource, Type: EventStopped})
 	}()
 	kubelet := filepath.Join(s.dir, filepath.Base(pluginapi.KubeletSocket))
+	var registeredTo uint64 // inode of the kubelet.sock registered with
 	delay := s.retry
 	retry := time.NewTimer(0)
 	defer retry.Stop()
@@ -258,7 +260,8 @@ func (s *Server) Run(ctx context.Context) error {
 			if s.Registered() {
 				continue
 			}
-			if _, err := os.Stat(kubelet); err != nil {
+			id, err := fileID(kubelet)
+			if err != nil {
 				// Wait for the kubelet to create its socket; no retry loop.
 				s.events(Event{Resource: s.resource, Type: EventWaitingForKubelet})
 				continue
@@ -268,6 +271,7 @@ func (s *Server) Run(ctx context.Context) error {
 				continue
 			}
 			delay = s.retry
+			registeredTo = id
 			s.registered.Store(true)
 			s.events(Event{Resource: s.resource, Type: EventRegistered})
 		case err := <-served:
@@ -280,8 +284,19 @@ func (s *Server) Run(ctx context.Context) error {
 			}
 			switch {
 			case ev.Name == kubelet && ev.Has(fsnotify.Create):
+				// The event may arrive after the plugin already registered
+				// with this very kubelet (its socket was removed first):
+				// register again only with a kubelet not yet registered with.
+				if id, err := fileID(kubelet); err == nil && s.Registered() && id == registeredTo {
+					continue
+				}
 				s.events(Event{Resource: s.resource, Type: EventKubeletRestarted})
-				restart()
+				if exists(s.SocketPath()) && inst != nil {
+					s.registered.Store(false)
+					retry.Reset(0)
+				} else {
+					restart()
+				}
 			case ev.Name == s.SocketPath() && ev.Has(fsnotify.Remove) && inst != nil && !exists(s.SocketPath()):
 				s.events(Event{Resource: s.resource, Type: EventSocketRemoved})
 				restart()
@@ -292,6 +307,16 @@ func (s *Server) Run(ctx context.Context) error {
 			restart()
 		}
 	}
+}
+
+// fileID identifies a file by inode: a kubelet that restarts creates a new
+// socket, a new inode.
+func fileID(path string) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, err
+	}
+	return st.Ino, nil
 }
 
 func exists(path string) bool {

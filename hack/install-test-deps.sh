@@ -1,8 +1,22 @@
 #!/usr/bin/env bash
-# Installs what `make test` needs and a fresh machine lacks. Each step is
-# skipped when its program is already there, so a second run costs nothing.
+# Installs what `make test` needs and a fresh machine lacks: Debian's
+# containerd, runc and docker-registry, and the pinned oras and crictl CLIs
+# (built with go install into .cache/bin). Each step is skipped when its
+# program is already there, so a second run costs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Nothing outside Go is needed yet; later suites add their packages here.
-exit 0
+need=()
+command -v containerd >/dev/null || need+=(containerd runc)
+command -v docker-registry >/dev/null || need+=(docker-registry)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-test-deps: need root to install ${need[*]} (apt-get)" >&2
+    exit 1
+  fi
+  echo "install-test-deps: installing ${need[*]} from Debian"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+hack/tool.sh oras version >/dev/null
+hack/tool.sh crictl --version >/dev/null

@@ -240,7 +240,7 @@ func (p *plugin) scan(ctx context.Context) {
 	}
 	p.lastErr = fmt.Sprint(err)
 	found := vfio.FindPassthrough(devices, p.sel)
-	mode := p.mode(found)
+	mode, _ := vfio.ResolveMode(p.cfg.VFIOMode, p.cfg.DevRoot, found) // validated in newPlugin
 
 	present := map[string]bool{}
 	for _, pt := range found {
@@ -308,23 +308,6 @@ func (p *plugin) logHealth(d *device, healthy, present bool) {
 	case !d.Healthy && healthy:
 		entry.Info("device healthy")
 	}
-}
-
-// mode resolves --vfio-mode auto: iommufd when the node has /dev/iommu and
-// every device has a vfio cdev, legacy otherwise.
-func (p *plugin) mode(found []*vfio.Passthrough) vfio.Mode {
-	if p.cfg.VFIOMode != "auto" {
-		return vfio.Mode(p.cfg.VFIOMode)
-	}
-	if _, err := os.Stat(filepath.Join(p.cfg.DevRoot, "iommu")); err != nil {
-		return vfio.ModeLegacy
-	}
-	for _, pt := range found {
-		if _, err := pt.DevicePaths(vfio.ModeIOMMUFD); err != nil {
-			return vfio.ModeLegacy
-		}
-	}
-	return vfio.ModeIOMMUFD
 }
 
 func (p *plugin) nodesExist(nodes []string) bool {

@@ -78,6 +78,11 @@ type Options struct {
 	// Progress, when set, is called as blobs download: at the start, about
 	// every MiB, and at the end of each. It must not block.
 	Progress func(Progress)
+	// Prepare, when set, is called on a new version before it becomes
+	// current: staging is the directory it may add files to, final the path
+	// the version will have once current, files the artifact's files. An
+	// error abandons the new version and keeps the current one.
+	Prepare func(staging, final string, files []File) error
 	// Transport replaces the HTTP transport (for tests and proxies); the
 	// retry and authentication layers still wrap it. Nil: a clone of
 	// http.DefaultTransport.
@@ -311,6 +316,12 @@ func (p *puller) pull(ctx context.Context) (*Result, error) {
 		}
 		for _, l := range files {
 			res.Files = append(res.Files, File{Name: l.Annotations[ocispec.AnnotationTitle], Digest: l.Digest, Size: l.Size})
+		}
+		if p.opts.Prepare != nil {
+			if err := p.opts.Prepare(staging, final, res.Files); err != nil {
+				os.RemoveAll(staging)
+				return nil, fmt.Errorf("prepare %s: %w", root.Digest, err)
+			}
 		}
 		if err := writeMetadata(staging, res); err != nil {
 			os.RemoveAll(staging)

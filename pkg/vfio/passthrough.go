@@ -2,6 +2,7 @@ package vfio
 
 import (
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -143,4 +144,26 @@ func (p *Passthrough) DevicePaths(mode Mode) ([]string, error) {
 		paths = append(paths, "/dev/vfio/devices/"+f.VFIODevice)
 	}
 	return paths, nil
+}
+
+// ResolveMode turns a requested mode ("auto", "legacy" or "iommufd") into
+// the mode to use: auto is iommufd when the node has <devRoot>/iommu and
+// every function of every device has a vfio cdev, legacy otherwise.
+func ResolveMode(requested, devRoot string, found []*Passthrough) (Mode, error) {
+	switch requested {
+	case string(ModeLegacy), string(ModeIOMMUFD):
+		return Mode(requested), nil
+	case "auto", "":
+	default:
+		return "", fmt.Errorf("vfio mode %q: want auto, legacy or iommufd", requested)
+	}
+	if _, err := os.Stat(filepath.Join(devRoot, "iommu")); err != nil {
+		return ModeLegacy, nil
+	}
+	for _, p := range found {
+		if _, err := p.DevicePaths(ModeIOMMUFD); err != nil {
+			return ModeLegacy, nil
+		}
+	}
+	return ModeIOMMUFD, nil
 }

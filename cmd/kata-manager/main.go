@@ -1,0 +1,107 @@
+// Command kata-manager sets up Kata Containers runtime classes for GPU
+// passthrough on a node: guest artifacts from an OCI registry, the Kata
+// configuration, containerd's runtime entries and the nvidia.com/pgpu CDI
+// spec. "kata-manager pull" pulls one artifact, for administrators.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/pflag"
+
+	"github.com/gpu-sandbox/gpu-sandbox/internal/cli"
+	"github.com/gpu-sandbox/gpu-sandbox/internal/katamanager"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/cdi"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/containerd"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
+)
+
+const usage = `Usage:
+  kata-manager [flags]                  reconcile until SIGTERM (or once with --once), then clean up
+  kata-manager pull [flags] REF DIR     pull one artifact into DIR and print its digest and files`
+
+func main() {
+	os.Exit(cli.ExitCode(run()))
+}
+
+func run() error {
+	fs := cli.NewFlagSet(usage)
+	var cfg katamanager.Config
+	var pull katamanager.PullConfig
+	var logFormat, logLevel string
+	fs.StringVar(&cfg.ConfigFile, "config-file", katamanager.DefaultConfigFile, "runtime classes and their artifacts (YAML, as the GPU Operator writes it)")
+	fs.StringVar(&cfg.ArtifactsDir, "artifacts-dir", "", "where artifacts go; overrides artifactsDir of the config file")
+	fs.StringVar(&cfg.ContainerdConfig, "containerd-config", containerd.DefaultConfigPath, "containerd's main configuration")
+	fs.StringVar(&cfg.ContainerdDropIn, "containerd-drop-in", containerd.DefaultDropInPath, "drop-in file for the runtime entries; empty edits the main configuration in place")
+	fs.StringVar(&cfg.ContainerdSocket, "containerd-socket", containerd.DefaultSocket, "containerd's socket")
+	fs.StringVar(&cfg.RestartMode, "restart-mode", string(containerd.RestartSignal), "how containerd is restarted: signal, systemd or none")
+	fs.DurationVar(&cfg.RestartTimeout, "restart-timeout", katamanager.DefaultRestartTimeout, "how long containerd may take to answer after a restart")
+	fs.BoolVar(&cfg.LoadKernelModules, "load-kernel-modules", true, "load vhost_vsock and vhost_net with the host's modprobe")
+	fs.BoolVar(&cfg.CDIEnabled, "cdi-enabled", true, "write the nvidia.com/pgpu CDI spec and enable CDI in containerd")
+	fs.StringVar(&cfg.CDIRoot, "cdi-root", cdi.DefaultRoot, "directory for the CDI spec")
+	fs.StringVar(&cfg.SysfsRoot, "sysfs-root", vfio.DefaultSysfsRoot, "sysfs mount")
+	fs.StringVar(&cfg.DevRoot, "dev-root", vfio.DefaultDevRoot, "/dev of the host")
+	fs.StringVar(&cfg.HostRoot, "host-root", vfio.DefaultHostRoot, "host root file system (modprobe, systemctl)")
+	fs.StringVar(&cfg.PullSecretsDir, "pull-secrets-dir", "", "read pull secrets from <dir>/<name>/.dockerconfigjson instead of the Kubernetes API")
+	fs.BoolVar(&cfg.RemoveArtifacts, "remove-artifacts", false, "also remove the artifacts when stopping")
+	fs.BoolVar(&cfg.CleanupOnExit, "cleanup-on-exit", true, "give back containerd's configuration and remove the CDI spec when stopping")
+	fs.BoolVar(&cfg.Once, "once", false, "reconcile once and exit, removing nothing")
+	fs.StringVar(&cfg.HealthAddress, "health-address", "", "address for /healthz and /readyz, e.g. :8082 (empty: none)")
+	fs.DurationVar(&cfg.ReconcileInterval, "reconcile-interval", katamanager.DefaultReconcileInterval, "how often everything is checked again")
+	fs.BoolVar(&pull.PlainHTTP, "plain-http", false, "pull: talk HTTP to the registry")
+	fs.StringVar(&pull.CAFile, "ca-file", "", "pull: PEM file of a CA to trust")
+	fs.StringVar(&pull.PullSecret, "pull-secret", "", "pull: file holding a .dockerconfigjson")
+	fs.StringVar(&pull.Platform, "platform", "", "pull: os/arch of a multi-platform artifact (default: this node's)")
+	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	for flag, env := range map[string]string{
+		"config-file": "CONFIG_FILE", "artifacts-dir": "KATA_ARTIFACTS_DIR", "containerd-config": "CONTAINERD_CONFIG",
+		"containerd-drop-in": "CONTAINERD_DROP_IN", "containerd-socket": "CONTAINERD_SOCKET", "restart-mode": "RESTART_MODE",
+		"restart-timeout": "RESTART_TIMEOUT", "load-kernel-modules": "LOAD_KERNEL_MODULES", "cdi-enabled": "CDI_ENABLED",
+		"cdi-root": "CDI_ROOT", "sysfs-root": "SYSFS_ROOT", "dev-root": "DEV_ROOT", "host-root": "HOST_ROOT",
+		"pull-secrets-dir": "PULL_SECRETS_DIR", "remove-artifacts": "REMOVE_ARTIFACTS", "cleanup-on-exit": "CLEANUP_ON_EXIT",
+		"once": "ONCE", "health-address": "HEALTH_ADDRESS", "reconcile-interval": "RECONCILE_INTERVAL",
+		"plain-http": "PLAIN_HTTP", "ca-file": "CA_FILE", "pull-secret": "PULL_SECRET", "platform": "PLATFORM",
+		"log-format": "LOG_FORMAT", "log-level": "LOG_LEVEL",
+	} {
+		fs.Env(flag, env)
+	}
+	args, err := fs.Parse(os.Args[1:], os.LookupEnv)
+	if errors.Is(err, pflag.ErrHelp) {
+		return nil
+	}
+	if err == nil {
+		cfg.Log, err = cli.NewLogger(os.Stderr, logFormat, logLevel)
+	}
+	if err != nil {
+		return report(err)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	switch {
+	case len(args) == 0:
+		return report(katamanager.Run(ctx, cfg))
+	case args[0] == "pull":
+		if len(args) != 3 {
+			return report(cli.Usagef("pull: want REF DIR, got %d arguments", len(args)-1))
+		}
+		pull.Reference, pull.Dir, pull.Out, pull.Log = args[1], args[2], os.Stdout, cfg.Log
+		return report(katamanager.Pull(ctx, pull))
+	}
+	return report(cli.Usagef("unknown command %q: want pull, or no command for the daemon", args[0]))
+}
+
+func report(err error) error {
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "kata-manager: %v\n", err)
+		if cli.ExitCode(err) == cli.ExitUsage {
+			fmt.Fprintln(os.Stderr, "Run 'kata-manager --help' for usage.")
+		}
+	}
+	return err
+}

@@ -1,0 +1,525 @@
+// Package katamanager is the kata-manager agent: it pulls the Kata guest
+// artifacts of each configured runtime class, points their Kata
+// configuration at them, registers the runtime classes in containerd,
+// writes the nvidia.com/pgpu CDI spec, and undoes it all when it stops.
+package katamanager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+	"github.com/sirupsen/logrus"
+
+	"github.com/gpu-sandbox/gpu-sandbox/internal/atomicfile"
+	"github.com/gpu-sandbox/gpu-sandbox/internal/cli"
+	"github.com/gpu-sandbox/gpu-sandbox/internal/modprobe"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/artifacts"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/cdi"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/containerd"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/kata"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
+)
+
+// Defaults of the agent.
+const (
+	DefaultReconcileInterval = 5 * time.Minute
+	DefaultRestartTimeout    = time.Minute
+	PIDFile                  = "k8s-kata-manager.pid"
+)
+
+// Annotations Kata runtimes accept from pods and containers.
+var (
+	podAnnotations       = []string{"io.katacontainers.*", "cdi.k8s.io/*"}
+	containerAnnotations = []string{"io.katacontainers.*"}
+	kernelModules        = []string{"vhost_vsock", "vhost_net"}
+)
+
+// Config is everything the agent takes from its flags and environment.
+type Config struct {
+	ConfigFile        string
+	ArtifactsDir      string // overrides the file's artifactsDir when set
+	ContainerdConfig  string
+	ContainerdDropIn  string // "" edits ContainerdConfig in place
+	ContainerdSocket  string
+	RestartMode       string
+	RestartTimeout    time.Duration
+	LoadKernelModules bool
+	CDIEnabled        bool
+	CDIRoot           string
+	SysfsRoot         string
+	DevRoot           string
+	HostRoot          string
+	PullSecretsDir    string
+	RemoveArtifacts   bool
+	CleanupOnExit     bool
+	Once              bool
+	HealthAddress     string
+	ReconcileInterval time.Duration
+
+	Log *logrus.Logger
+}
+
+type agent struct {
+	cfg       Config
+	log       *logrus.Logger
+	file      *FileConfig
+	editor    *containerd.Editor
+	restarter *containerd.Restarter
+	cdi       *cdi.Writer
+	sysfs     *vfio.Sysfs
+	secrets   secrets
+	ready     atomic.Bool
+
+	failures map[string]int       // runtime class → failed reconciles in a row
+	retryAt  map[string]time.Time // runtime class → no pull before
+	wroteCDI       bool
+	restartPending bool
+}
+
+func newAgent(cfg Config) (*agent, error) {
+	file, err := LoadConfig(cfg.ConfigFile)
+	if err != nil {
+		return nil, err
+	}
+	mode, err := containerd.ParseRestartMode(cfg.RestartMode)
+	if err != nil {
+		return nil, &cli.UsageError{Err: err}
+	}
+	if cfg.ReconcileInterval <= 0 || cfg.RestartTimeout <= 0 {
+		return nil, cli.Usagef("reconcile interval and restart timeout must be positive")
+	}
+	a := &agent{
+		cfg: cfg, log: cfg.Log, file: file,
+		editor:    containerd.NewEditor(cfg.ContainerdConfig, cfg.ContainerdDropIn),
+		restarter: containerd.NewRestarter(mode, cfg.ContainerdSocket, cfg.HostRoot, cfg.RestartTimeout),
+		sysfs:     vfio.NewSysfs(cfg.SysfsRoot),
+		failures:  map[string]int{},
+		retryAt:   map[string]time.Time{},
+	}
+	if a.artifactsDir() == "" {
+		return nil, cli.Usagef("no artifacts directory: set artifactsDir in %s or KATA_ARTIFACTS_DIR", cfg.ConfigFile)
+	}
+	if cfg.CDIEnabled {
+		if a.cdi, err = cdi.NewWriter(cfg.CDIRoot); err != nil {
+			return nil, err
+		}
+	}
+	if cfg.PullSecretsDir != "" {
+		a.secrets = dirSecrets{dir: cfg.PullSecretsDir}
+	}
+	return a, nil
+}
+
+func (a *agent) artifactsDir() string {
+	if a.cfg.ArtifactsDir != "" {
+		return a.cfg.ArtifactsDir
+	}
+	return a.file.ArtifactsDir
+}
+
+// Run reconciles once (Once) or until ctx ends, then cleans up.
+func Run(ctx context.Context, cfg Config) error {
+	a, err := newAgent(cfg)
+	if err != nil {
+		return err
+	}
+	if cfg.Once {
+		return a.reconcile(ctx)
+	}
+	return a.run(ctx)
+}
+
+// reconcile brings the node to the configuration: every runtime class on
+// its own, a failing one reported without stopping the others.
+func (a *agent) reconcile(ctx context.Context) error {
+	// A containerd configuration that cannot be edited stops everything
+	// before anything is pulled or written.
+	if _, err := containerd.Load(a.cfg.ContainerdConfig); err != nil {
+		return err
+	}
+	var errs []error
+	if a.cfg.LoadKernelModules {
+		loader := modprobe.New(a.cfg.HostRoot)
+		for _, m := range kernelModules {
+			if err := loader.LoadModule(ctx, m); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	var runtimes []containerd.Runtime
+	for _, rc := range a.file.RuntimeClasses {
+		r, err := a.reconcileClass(ctx, rc)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("runtime class %s: %w", rc.Name, err))
+		}
+		if r != nil {
+			runtimes = append(runtimes, *r)
+		}
+	}
+	settings := containerd.Settings{Runtimes: runtimes}
+	if a.cfg.CDIEnabled {
+		settings.CDISpecDirs = []string{"/etc/cdi", a.cfg.CDIRoot}
+		if err := a.writeCDI(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	changed, err := a.editor.Apply(settings)
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	if changed {
+		a.log.WithFields(logrus.Fields{"config": a.cfg.ContainerdConfig, "drop-in": a.cfg.ContainerdDropIn,
+			"runtimes": names(runtimes)}).Info("containerd configuration written")
+	}
+	if changed || a.restartPending {
+		// A restart that failed is tried again on the next reconcile.
+		restarted, err := a.restarter.Restart(ctx)
+		a.restartPending = err != nil
+		if err != nil {
+			errs = append(errs, err)
+		} else if restarted {
+			a.log.Info("containerd restarted and answering")
+		}
+	}
+	a.removeDropped()
+	return errors.Join(errs...)
+}
+
+func names(rs []containerd.Runtime) []string {
+	out := make([]string, len(rs))
+	for i, r := range rs {
+		out[i] = r.Name
+	}
+	return out
+}
+
+// configName is the rewritten Kata configuration in a runtime class's
+// directory.
+func configName(rc string) string { return "gpu-sandbox-" + rc + ".toml" }
+
+// reconcileClass pulls a runtime class's artifacts, with its Kata
+// configuration rewritten before the new version becomes current, and
+// returns its containerd runtime. While pulls fail, the runtime keeps
+// serving the artifacts it has, if any.
+func (a *agent) reconcileClass(ctx context.Context, rc RuntimeClass) (*containerd.Runtime, error) {
+	dir := filepath.Join(a.artifactsDir(), rc.Name)
+	runtime := &containerd.Runtime{
+		Name: rc.Name, Type: "io.containerd." + rc.Name + ".v2",
+		ConfigPath:     filepath.Join(dir, configName(rc.Name)),
+		PodAnnotations: podAnnotations, ContainerAnnotations: containerAnnotations,
+	}
+	current := func() *containerd.Runtime {
+		if _, err := os.Stat(runtime.ConfigPath); err == nil {
+			return runtime
+		}
+		return nil
+	}
+	if time.Now().Before(a.retryAt[rc.Name]) {
+		return current(), fmt.Errorf("retrying at %s after %d failures", a.retryAt[rc.Name].Format(time.TimeOnly), a.failures[rc.Name])
+	}
+	opts := artifacts.Options{
+		PlainHTTP: rc.Artifacts.PlainHTTP, CAFile: rc.Artifacts.CAFile, Platform: rc.Artifacts.Platform,
+		Progress: progressLogger(a.log, rc.Artifacts.URL),
+		Prepare: func(staging, final string, files []artifacts.File) error {
+			return writeKataConfig(rc.Name, staging, final, files)
+		},
+	}
+	fail := func(err error) (*containerd.Runtime, error) {
+		a.failures[rc.Name]++
+		backoff := min(time.Duration(1<<min(a.failures[rc.Name], 10))*5*time.Second, 5*time.Minute)
+		a.retryAt[rc.Name] = time.Now().Add(backoff)
+		return current(), err
+	}
+	if name := rc.Artifacts.PullSecret; name != "" {
+		if a.secrets == nil {
+			s, err := newAPISecrets()
+			if err != nil {
+				return fail(fmt.Errorf("pull secret %q: %w", name, err))
+			}
+			a.secrets = s
+		}
+		b, err := a.secrets.dockerConfig(ctx, name)
+		if err != nil {
+			return fail(err)
+		}
+		opts.DockerConfig = b
+	}
+	res, err := artifacts.Pull(ctx, rc.Artifacts.URL, dir, opts)
+	if err != nil {
+		return fail(err)
+	}
+	// A version pulled by an older run, or whose file someone removed,
+	// gets its configuration again.
+	if _, err := os.Stat(runtime.ConfigPath); err != nil {
+		if err := writeKataConfig(rc.Name, res.Path, res.Path, res.Files); err != nil {
+			return fail(err)
+		}
+	}
+	delete(a.failures, rc.Name)
+	delete(a.retryAt, rc.Name)
+	entry := a.log.WithFields(logrus.Fields{"runtimeClass": rc.Name, "reference": res.Reference, "digest": res.Digest})
+	if res.Changed {
+		entry.WithField("dir", dir).Info("artifacts pulled")
+	} else {
+		entry.Debug("artifacts unchanged")
+	}
+	return runtime, nil
+}
+
+// writeKataConfig writes the runtime class's Kata configuration, pointed at
+// the files of the version that will live at final, into dir.
+func writeKataConfig(rc, dir, final string, files []artifacts.File) error {
+	names := make([]string, len(files))
+	for i, f := range files {
+		names[i] = f.Name
+		if f.Name == configName(rc) {
+			return fmt.Errorf("the artifact has a file named %s, which kata-manager writes", f.Name)
+		}
+	}
+	src, err := kata.ConfigFor(rc, names)
+	if err != nil {
+		return err
+	}
+	b, err := os.ReadFile(filepath.Join(dir, src))
+	if err != nil {
+		return err
+	}
+	out, err := kata.Rewrite(b, final, names)
+	if err != nil {
+		return fmt.Errorf("%s: %w", src, err)
+	}
+	_, err = atomicfile.WriteFileIfChanged(filepath.Join(dir, configName(rc)), out, 0o644)
+	return err
+}
+
+// writeCDI writes the nvidia.com/pgpu spec for the GPUs vfio holds, the
+// same bytes the device plugin writes, or removes it when there are none.
+func (a *agent) writeCDI() error {
+	devices, err := a.sysfs.Devices()
+	if devices == nil && err != nil {
+		return fmt.Errorf("CDI spec: %w", err)
+	}
+	sel, _ := vfio.ParseSelector(vfio.DefaultSelect, true)
+	found := vfio.FindPassthrough(devices, sel)
+	mode, _ := vfio.ResolveMode("auto", a.cfg.DevRoot, found)
+	spec, err := cdi.NewPassthroughSpec(found, cdi.SpecOptions{Mode: mode, Sysfs: a.sysfs})
+	if errors.Is(err, cdi.ErrNoDevices) {
+		if a.wroteCDI {
+			a.wroteCDI = false
+			return a.cdi.Remove(cdi.PassthroughKind)
+		}
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	wrote, err := a.cdi.Write(spec)
+	if err != nil {
+		return err
+	}
+	a.wroteCDI = true
+	if wrote {
+		a.log.WithFields(logrus.Fields{"path": a.cdi.Path(cdi.PassthroughKind), "devices": len(spec.Devices) / 2}).Info("CDI spec written")
+	}
+	return nil
+}
+
+// removeDropped removes the directories of runtime classes no longer in the
+// configuration: links this agent made, with their versions beside them.
+func (a *agent) removeDropped() {
+	entries, err := os.ReadDir(a.artifactsDir())
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		name := e.Name()
+		if e.Type()&os.ModeSymlink == 0 || slices.ContainsFunc(a.file.RuntimeClasses, func(rc RuntimeClass) bool { return rc.Name == name }) {
+			continue
+		}
+		versions := filepath.Join(a.artifactsDir(), "."+name+".versions")
+		if _, err := os.Stat(versions); err != nil {
+			continue // not ours
+		}
+		a.removeArtifacts(name)
+	}
+}
+
+func (a *agent) removeArtifacts(name string) {
+	dir := filepath.Join(a.artifactsDir(), name)
+	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+		a.log.WithError(err).WithField("dir", dir).Warn("remove artifacts")
+		return
+	}
+	if err := os.RemoveAll(filepath.Join(a.artifactsDir(), "."+name+".versions")); err != nil {
+		a.log.WithError(err).WithField("dir", dir).Warn("remove artifacts")
+		return
+	}
+	a.log.WithField("runtimeClass", name).Info("artifacts removed")
+}
+
+// run is the daemon: reconcile, mark ready, and keep reconciling on a
+// timer, on configuration changes, on drift in containerd's configuration
+// and, for the CDI spec, on GPUs coming and going; clean up on the way out.
+func (a *agent) run(ctx context.Context) error {
+	if a.cfg.HealthAddress != "" {
+		stop, err := a.serveHTTP(a.cfg.HealthAddress)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+	w, err := fsnotify.NewWatcher()
+	if err != nil {
+		return err
+	}
+	defer w.Close()
+	watched := map[string]string{ // directory → what changes there
+		filepath.Dir(a.cfg.ConfigFile):       "config",
+		filepath.Dir(a.cfg.ContainerdConfig): "containerd",
+		filepath.Join(a.cfg.DevRoot, "vfio"): "devices",
+	}
+	if a.cfg.ContainerdDropIn != "" {
+		watched[filepath.Dir(a.cfg.ContainerdDropIn)] = "containerd"
+	}
+	for dir := range watched {
+		_ = w.Add(dir) // a directory that is missing now is seen on the next periodic reconcile
+	}
+	defer a.cleanup()
+
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	settle := time.NewTimer(time.Hour)
+	settle.Stop()
+	pending := map[string]bool{}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case ev := <-w.Events:
+			kind := watched[filepath.Dir(ev.Name)]
+			if kind == "config" || kind == "devices" ||
+				(kind == "containerd" && (ev.Name == a.cfg.ContainerdConfig || ev.Name == a.cfg.ContainerdDropIn)) {
+				pending[kind] = true
+				settle.Reset(200 * time.Millisecond) // one reconcile for a burst of events, our own writes included
+			}
+		case err := <-w.Errors:
+			a.log.WithError(err).Warn("file watch overflowed; reconciling")
+			timer.Reset(0)
+		case <-settle.C:
+			if pending["config"] {
+				if file, err := LoadConfig(a.cfg.ConfigFile); err != nil {
+					a.log.WithError(err).Error("configuration not reloaded; keeping the previous one")
+				} else {
+					a.file = file
+					a.log.Info("configuration reloaded")
+				}
+			}
+			if pending["config"] || pending["containerd"] {
+				timer.Reset(0)
+			} else if pending["devices"] && a.cfg.CDIEnabled {
+				if err := a.writeCDI(); err != nil {
+					a.log.WithError(err).Error("CDI spec")
+				}
+			}
+			clear(pending)
+		case <-timer.C:
+			err := a.reconcile(ctx)
+			if ctx.Err() != nil {
+				return nil
+			}
+			if err != nil {
+				a.log.WithError(err).Error("reconcile")
+			} else if !a.ready.Load() {
+				if err := a.markReady(); err != nil {
+					return err
+				}
+			}
+			timer.Reset(a.nextReconcile())
+		}
+	}
+}
+
+// nextReconcile is the periodic interval, or sooner for a class to retry.
+func (a *agent) nextReconcile() time.Duration {
+	next := a.cfg.ReconcileInterval
+	for _, at := range a.retryAt {
+		next = min(next, max(time.Until(at), time.Second))
+	}
+	return next
+}
+
+func (a *agent) markReady() error {
+	pid := filepath.Join(a.artifactsDir(), PIDFile)
+	if err := os.MkdirAll(a.artifactsDir(), 0o755); err != nil {
+		return err
+	}
+	if err := atomicfile.WriteFile(pid, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
+		return fmt.Errorf("mark ready: %w", err)
+	}
+	a.ready.Store(true)
+	a.log.WithField("pidFile", pid).Info("every runtime class is set up; ready")
+	return nil
+}
+
+// cleanup runs when the daemon stops: with CleanupOnExit, containerd's
+// configuration is given back, the CDI spec removed and containerd
+// restarted once; artifacts stay unless RemoveArtifacts.
+func (a *agent) cleanup() {
+	a.ready.Store(false)
+	_ = atomicfile.Remove(filepath.Join(a.artifactsDir(), PIDFile))
+	if !a.cfg.CleanupOnExit {
+		return
+	}
+	// The cleanup runs after the context ended: give it its own time.
+	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.RestartTimeout+10*time.Second)
+	defer cancel()
+	changed, err := a.editor.Revert()
+	if err != nil {
+		a.log.WithError(err).Error("containerd configuration not given back")
+	}
+	if a.cdi != nil && a.wroteCDI {
+		if err := a.cdi.Remove(cdi.PassthroughKind); err != nil {
+			a.log.WithError(err).Error("remove CDI spec")
+		}
+	}
+	if changed {
+		if _, err := a.restarter.Restart(ctx); err != nil {
+			a.log.WithError(err).Error("restart containerd")
+		}
+	}
+	if a.cfg.RemoveArtifacts {
+		for _, rc := range a.file.RuntimeClasses {
+			a.removeArtifacts(rc.Name)
+		}
+	}
+	a.log.Info("stopped; containerd configuration given back")
+}
+
+func (a *agent) serveHTTP(addr string) (func(), error) {
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--health-address %q: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !a.ready.Load() {
+			http.Error(w, "not ready: the first full reconcile has not succeeded", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = srv.Serve(lis) }()
+	return func() { _ = srv.Close() }, nil
+}

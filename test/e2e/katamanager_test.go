@@ -1,0 +1,342 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	cdiapi "tags.cncf.io/container-device-interface/pkg/cdi"
+
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/containerd"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio/vfiotest"
+)
+
+func TestKataManagerPull(t *testing.T) {
+	reg := startDockerRegistry(t)
+	files := kataArtifact(20, 4<<20)
+	ref := reg.Host + "/nvidia/cloud-native/kata-gpu-artifacts:ubuntu22.04-535"
+	orasPush(t, ref, files)
+	dir := filepath.Join(t.TempDir(), "kata-qemu-nvidia-gpu")
+
+	r := run(t, "kata-manager", nil, "pull", "--plain-http", ref, dir)
+	if r.code != 0 {
+		t.Fatalf("pull: %s", r)
+	}
+	checkFiles(t, dir, files)
+	if !regexp.MustCompile(`digest: sha256:[0-9a-f]{64}`).MatchString(r.stdout) {
+		t.Errorf("no digest printed: %s", r.stdout)
+	}
+	for name := range files {
+		if !strings.Contains(r.stdout, filepath.Join(dir, name)) {
+			t.Errorf("file %s not listed: %s", name, r.stdout)
+		}
+	}
+	if !strings.Contains(r.stderr, "download vmlinuz-6.1.62-nvidia-gpu: 4.0 MiB of 4.0 MiB") {
+		t.Errorf("no progress line for the kernel:\n%s", r.stderr)
+	}
+
+	before := reg.blobGets()
+	r = run(t, "kata-manager", nil, "pull", ref, dir, "--plain-http") // flags after the arguments too
+	if r.code != 0 || !strings.Contains(r.stdout, "unchanged") {
+		t.Fatalf("second pull: %s", r)
+	}
+	if n := reg.blobGets() - before; n != 0 {
+		t.Errorf("unchanged pull fetched %d blobs", n)
+	}
+
+	for _, tc := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"pull", ref}, 2, "want REF DIR"},
+		{[]string{"pull", "--plain-http", "no:such:ref", dir}, 2, "invalid reference"},
+		{[]string{"pull", "--plain-http", "--platform", "linux", ref, dir}, 2, "platform"},
+		{[]string{"pull", "--plain-http", "127.0.0.1:1/kata:v", dir}, 1, "127.0.0.1:1/kata:v"},
+		{[]string{"pull", "--plain-http", reg.Host + "/nvidia/missing:v", dir}, 1, "not found"},
+	} {
+		if r := run(t, "kata-manager", nil, tc.args...); r.code != tc.code || !strings.Contains(r.stderr, tc.want) {
+			t.Errorf("kata-manager %v: want exit %d mentioning %q; got %s", tc.args, tc.code, tc.want, r)
+		}
+	}
+	checkFiles(t, dir, files)
+}
+
+// katanode is a node for kata-manager: containerd configuration, artifacts
+// and CDI directories, a fake sysfs with bound GPUs, and a config file.
+type katanode struct {
+	dir, main, dropIn, artifacts, cdi, configFile string
+	tree                                            *vfiotest.Tree
+	original                                        []byte
+}
+
+func newKataNode(t *testing.T, config string) *katanode {
+	dir, err := os.MkdirTemp("", "km") // short: containerd's socket path lives here
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	tree, _ := vfiotest.New(t, vfiotest.BoundToVFIO(vfiotest.HGXH100()))
+	n := &katanode{dir: dir, main: filepath.Join(dir, "etc/containerd/config.toml"),
+		dropIn: filepath.Join(dir, "etc/containerd/conf.d/99-gpu-sandbox.toml"),
+		artifacts: filepath.Join(dir, "artifacts"), cdi: filepath.Join(dir, "cdi"),
+		configFile: filepath.Join(dir, "kata-manager/config.yaml"), tree: tree}
+	n.original = []byte(containerdBase(dir))
+	os.MkdirAll(filepath.Dir(n.main), 0o755)
+	os.MkdirAll(filepath.Dir(n.configFile), 0o755)
+	if err := os.WriteFile(n.main, n.original, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	n.writeConfig(t, config)
+	return n
+}
+
+func (n *katanode) writeConfig(t *testing.T, config string) {
+	if err := os.WriteFile(n.configFile, []byte(config), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (n *katanode) socket() string { return filepath.Join(n.dir, "containerd.sock") }
+
+func (n *katanode) args(extra ...string) []string {
+	return append([]string{"--config-file", n.configFile, "--artifacts-dir", n.artifacts,
+		"--containerd-config", n.main, "--containerd-drop-in", n.dropIn, "--containerd-socket", n.socket(),
+		"--restart-mode", "none", "--load-kernel-modules=false", "--cdi-root", n.cdi,
+		"--sysfs-root", n.tree.SysfsRoot, "--dev-root", n.tree.DevRoot}, extra...)
+}
+
+func classConfig(classes ...string) string {
+	var b strings.Builder
+	b.WriteString("artifactsDir: /ignored/overridden/by/flag\nruntimeClasses:\n")
+	for i := 0; i+1 < len(classes); i += 2 {
+		fmt.Fprintf(&b, "- name: %s\n  nodeSelector: {}\n  artifacts:\n    url: %s\n    pullSecret: \"\"\n    plainHTTP: true\n", classes[i], classes[i+1])
+	}
+	return b.String()
+}
+
+func TestKataManagerOnceAndContainerd(t *testing.T) {
+	reg := startDockerRegistry(t)
+	ref := reg.Host + "/nvidia/kata-gpu-artifacts:v1"
+	files := kataArtifact(21, 2<<20)
+	orasPush(t, ref, files)
+	n := newKataNode(t, classConfig("kata-qemu-nvidia-gpu", ref))
+
+	r := run(t, "kata-manager", nil, n.args("--once")...)
+	if r.code != 0 {
+		t.Fatalf("--once: %s", r)
+	}
+	// The main configuration gained only its import.
+	main, _ := os.ReadFile(n.main)
+	if want := strings.Replace(string(n.original), "version = 2\n", "version = 2\nimports = [\""+n.dropIn+"\"]\n", 1); string(main) != want {
+		t.Errorf("main config:\n%s", main)
+	}
+	dump := dumpConfig(t, n.main)
+	for _, s := range []string{"runtimes.kata-qemu-nvidia-gpu]", "runtimes.runc]", `sandbox_image = "registry.k8s.io/pause:3.9"`} {
+		if !strings.Contains(dump, s) {
+			t.Errorf("containerd's reading of the config lacks %s", s)
+		}
+	}
+
+	ctd := startContainerd(t, n.main, n.socket())
+	runtimes := criRuntimes(t, ctd.Socket)
+	kata := runtimes["kata-qemu-nvidia-gpu"]
+	if kata == nil || kata["runtimeType"] != "io.containerd.kata-qemu-nvidia-gpu.v2" || runtimes["runc"] == nil {
+		t.Fatalf("CRI runtimes: %v", runtimes)
+	}
+	opts, _ := kata["options"].(map[string]any)
+	configPath, _ := opts["ConfigPath"].(string)
+	if configPath != filepath.Join(n.artifacts, "kata-qemu-nvidia-gpu", "gpu-sandbox-kata-qemu-nvidia-gpu.toml") {
+		t.Errorf("ConfigPath %q", configPath)
+	}
+	if kata["privileged_without_host_devices"] != true && kata["privilegedWithoutHostDevices"] != true {
+		t.Errorf("privileged_without_host_devices not set: %v", kata)
+	}
+	kataConfig, err := os.ReadFile(configPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, key := range []string{"kernel", "initrd"} {
+		m := regexp.MustCompile(`(?m)^` + key + ` = "([^"]+)"`).FindSubmatch(kataConfig)
+		if m == nil {
+			t.Errorf("no %s in %s", key, kataConfig)
+			continue
+		}
+		if _, err := os.Stat(string(m[1])); err != nil || !strings.HasPrefix(string(m[1]), n.artifacts) {
+			t.Errorf("%s = %s: not a pulled file (%v)", key, m[1], err)
+		}
+	}
+
+	cache, err := cdiapi.NewCache(cdiapi.WithSpecDirs(n.cdi), cdiapi.WithAutoRefresh(false))
+	if err != nil || len(cache.GetErrors()) != 0 {
+		t.Fatalf("CDI: %v %v", err, cache.GetErrors())
+	}
+	if cache.GetDevice("nvidia.com/pgpu=7") == nil {
+		t.Errorf("CDI devices: %v", cache.ListDevices())
+	}
+
+	// --once again changes nothing.
+	before, _ := os.ReadFile(n.dropIn)
+	if r := run(t, "kata-manager", nil, n.args("--once")...); r.code != 0 {
+		t.Fatalf("second --once: %s", r)
+	}
+	if after, _ := os.ReadFile(n.dropIn); string(after) != string(before) {
+		t.Error("second --once rewrote the drop-in")
+	}
+}
+
+func TestKataManagerDaemonRestartsContainerdAndCleansUp(t *testing.T) {
+	reg := startDockerRegistry(t)
+	ref := reg.Host + "/nvidia/kata-gpu-artifacts:v1"
+	orasPush(t, ref, kataArtifact(22, 1<<20))
+	n := newKataNode(t, classConfig("kata-qemu-nvidia-gpu", ref))
+	ctd := startContainerd(t, n.main, n.socket())
+
+	args := n.args("--restart-mode", "signal", "--log-format", "json")
+	cmd := exec.Command(filepath.Join(binDir, "kata-manager"), args...)
+	cmd.Env = cleanEnv()
+	var logs lockedBuffer
+	cmd.Stderr = &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := filepath.Join(n.artifacts, "k8s-kata-manager.pid")
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := os.Stat(pid); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Fatalf("not ready within 30s:\n%s", logs.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if ctd.Starts() < 2 {
+		t.Errorf("containerd was not restarted (%d starts)", ctd.Starts())
+	}
+	if runtimes := criRuntimes(t, ctd.Socket); runtimes["kata-qemu-nvidia-gpu"] == nil {
+		t.Fatalf("runtime not registered after the restart: %v", runtimes)
+	}
+	if _, err := os.Stat(filepath.Join(n.cdi, "nvidia.com-pgpu.yaml")); err != nil {
+		t.Errorf("CDI spec: %v", err)
+	}
+
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("exit after SIGTERM: %v\n%s", err, logs.String())
+	}
+	if main, _ := os.ReadFile(n.main); string(main) != string(n.original) {
+		t.Errorf("containerd config not given back byte for byte:\n%s", main)
+	}
+	for _, gone := range []string{n.dropIn, filepath.Join(n.cdi, "nvidia.com-pgpu.yaml"), pid, n.main + ".gpu-sandbox.json", n.main + ".gpu-sandbox.bak"} {
+		if _, err := os.Stat(gone); err == nil {
+			t.Errorf("%s left after SIGTERM", gone)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(n.artifacts, "kata-qemu-nvidia-gpu", "vmlinuz-6.1.62-nvidia-gpu")); err != nil {
+		t.Errorf("artifacts removed without --remove-artifacts: %v", err)
+	}
+	if err := containerdReady(n.socket()); err != nil {
+		t.Fatal(err)
+	}
+	if runtimes := criRuntimes(t, ctd.Socket); runtimes["kata-qemu-nvidia-gpu"] != nil || runtimes["runc"] == nil {
+		t.Errorf("after cleanup containerd serves %v", runtimes)
+	}
+}
+
+func TestKataManagerBadInput(t *testing.T) {
+	reg := startDockerRegistry(t)
+	good := reg.Host + "/nvidia/kata-gpu-artifacts:v1"
+	orasPush(t, good, kataArtifact(23, 4096))
+	noConfig := reg.Host + "/nvidia/no-config:v1"
+	orasPush(t, noConfig, artifactFiles{"vmlinuz-6.1": []byte("kernel"), "rootfs.initrd": []byte("initrd")})
+
+	t.Run("config file", func(t *testing.T) {
+		n := newKataNode(t, "")
+		for _, tc := range []struct{ config, want string }{
+			{classConfig("kata-qemu-nvidia-gpu", good) + "extra: field\n", `unknown field "extra"`},
+			{strings.Replace(classConfig("kata-qemu-nvidia-gpu", good), "plainHTTP", "plainHttp", 1), `unknown field "runtimeClasses[0].artifacts.plainHttp"`},
+			{classConfig("", good), "runtimeClasses[0].name: empty"},
+			{classConfig("kata-qemu-nvidia-gpu", ""), "runtimeClasses[0].artifacts.url: empty"},
+			{classConfig("Kata_GPU", good), `runtimeClasses[0].name "Kata_GPU"`},
+			{classConfig("a", good, "a", good), `"a": listed twice`},
+			{"artifactsDir: [\n", "config file"},
+		} {
+			n.writeConfig(t, tc.config)
+			r := run(t, "kata-manager", nil, n.args("--once")...)
+			if r.code != 2 || !strings.Contains(r.stderr, tc.want) {
+				t.Errorf("config %q: want exit 2 naming %q; got %s", tc.config, tc.want, r)
+			}
+		}
+		if main, _ := os.ReadFile(n.main); string(main) != string(n.original) {
+			t.Error("a bad config file changed containerd's configuration")
+		}
+	})
+
+	t.Run("containerd config not TOML", func(t *testing.T) {
+		n := newKataNode(t, classConfig("kata-qemu-nvidia-gpu", good))
+		bad := append(n.original, []byte("\n[plugins\n")...)
+		os.WriteFile(n.main, bad, 0o644)
+		r := run(t, "kata-manager", nil, n.args("--once")...)
+		if r.code != 1 || !strings.Contains(r.stderr, n.main) {
+			t.Fatalf("want exit 1 naming the file; got %s", r)
+		}
+		if main, _ := os.ReadFile(n.main); string(main) != string(bad) {
+			t.Error("the invalid config was changed")
+		}
+		if entries, _ := os.ReadDir(n.artifacts); len(entries) != 0 {
+			t.Errorf("artifacts pulled although containerd's config is broken: %v", entries)
+		}
+	})
+
+	t.Run("one class fails, the other is served", func(t *testing.T) {
+		n := newKataNode(t, classConfig("kata-qemu-nvidia-gpu", good, "kata-qemu-nvidia-gpu-snp", "127.0.0.1:1/down:v1",
+			"kata-qemu-nvidia-gpu-tdx", noConfig))
+		r := run(t, "kata-manager", nil, n.args("--once")...)
+		if r.code != 1 || !strings.Contains(r.stderr, "runtime class kata-qemu-nvidia-gpu-snp") ||
+			!strings.Contains(r.stderr, "runtime class kata-qemu-nvidia-gpu-tdx") || !strings.Contains(r.stderr, "configuration") {
+			t.Fatalf("want exit 1 naming both failing classes; got %s", r)
+		}
+		dump := dumpConfig(t, n.main)
+		if !strings.Contains(dump, "runtimes.kata-qemu-nvidia-gpu]") || strings.Contains(dump, "kata-qemu-nvidia-gpu-snp") ||
+			strings.Contains(dump, "kata-qemu-nvidia-gpu-tdx") {
+			t.Errorf("containerd runtimes:\n%s", dump)
+		}
+	})
+}
+
+// lockedBuffer collects a process's output while the test reads it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// containerdReady waits for the supervised containerd to answer again.
+func containerdReady(socket string) error {
+	return containerd.NewRestarter(containerd.RestartNone, socket, "/", 30*time.Second).WaitReady(context.Background())
+}

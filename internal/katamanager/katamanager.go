@@ -80,8 +80,8 @@ type agent struct {
 	secrets   secrets
 	ready     atomic.Bool
 
-	failures map[string]int       // runtime class → failed reconciles in a row
-	retryAt  map[string]time.Time // runtime class → no pull before
+	failures       map[string]int       // runtime class → failed reconciles in a row
+	retryAt        map[string]time.Time // runtime class → no pull before
 	wroteCDI       bool
 	restartPending bool
 }

@@ -75,8 +75,8 @@ func TestKataManagerPull(t *testing.T) {
 // and CDI directories, a fake sysfs with bound GPUs, and a config file.
 type katanode struct {
 	dir, main, dropIn, artifacts, cdi, configFile string
-	tree                                            *vfiotest.Tree
-	original                                        []byte
+	tree                                          *vfiotest.Tree
+	original                                      []byte
 }
 
 func newKataNode(t *testing.T, config string) *katanode {
@@ -87,7 +87,7 @@ func newKataNode(t *testing.T, config string) *katanode {
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	tree, _ := vfiotest.New(t, vfiotest.BoundToVFIO(vfiotest.HGXH100()))
 	n := &katanode{dir: dir, main: filepath.Join(dir, "etc/containerd/config.toml"),
-		dropIn: filepath.Join(dir, "etc/containerd/conf.d/99-gpu-sandbox.toml"),
+		dropIn:    filepath.Join(dir, "etc/containerd/conf.d/99-gpu-sandbox.toml"),
 		artifacts: filepath.Join(dir, "artifacts"), cdi: filepath.Join(dir, "cdi"),
 		configFile: filepath.Join(dir, "kata-manager/config.yaml"), tree: tree}
 	n.original = []byte(containerdBase(dir))

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -353,5 +354,50 @@ func TestPullPrivateCA(t *testing.T) {
 	}
 	if _, err := artifacts.Pull(context.Background(), host+"/kata:v", t.TempDir()+"/rc", artifacts.Options{CAFile: ca}); err != nil {
 		t.Errorf("with the CA file: %v", err)
+	}
+}
+
+// A full disk and a read-only file system fail the pull with the cause, and
+// the previous artifact stays.
+func TestPullDiskFullAndReadOnly(t *testing.T) {
+	if !inPrivateMounts(t) {
+		return
+	}
+	reg := startRegistry(t, "", "")
+	repo := repository(t, reg.Host, "kata", "", "")
+	small := kataArtifact(30, 64<<10)
+	pushArtifact(t, repo, "v", small)
+	for _, tc := range []struct {
+		name, options string
+		remountRO     bool
+		want          string
+	}{
+		{"disk full", "size=1m", false, "no space left on device"},
+		{"read-only", "size=8m", true, "read-only file system"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pushArtifact(t, repo, "v", small)
+			root := t.TempDir()
+			mountTmpfs(t, root, tc.options)
+			defer syscall.Unmount(root, syscall.MNT_DETACH)
+			dir := filepath.Join(root, "rc")
+			if _, err := artifacts.Pull(context.Background(), reg.Host+"/kata:v", dir, plain()); err != nil {
+				t.Fatal(err)
+			}
+			pushArtifact(t, repo, "v", kataArtifact(31, 1<<20)) // 2 MiB more: too much for 1 MiB
+			if tc.remountRO {
+				if err := syscall.Mount("", root, "", syscall.MS_REMOUNT|syscall.MS_RDONLY, ""); err != nil {
+					t.Fatal(err)
+				}
+			}
+			_, err := artifacts.Pull(context.Background(), reg.Host+"/kata:v", dir, plain())
+			if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), reg.Host+"/kata:v") {
+				t.Fatalf("error %v; want one naming the reference and %q", err, tc.want)
+			}
+			checkFiles(t, dir, small)
+			if !tc.remountRO {
+				noDebris(t, dir)
+			}
+		})
 	}
 }

@@ -35,8 +35,8 @@ import (
 const inNamespaceEnv = "GPU_SANDBOX_E2E_MOUNT_NS"
 
 // inPrivateMounts reruns the calling test in a private mount namespace and
-// reports false in the parent, which should return; in the child it mounts
-// the tmpfs and reports true.
+// reports false in the parent, which should return; in the child, where
+// mounts are the test's own, it reports true.
 func inPrivateMounts(t *testing.T) bool {
 	t.Helper()
 	if os.Getenv(inNamespaceEnv) == "" {
@@ -52,10 +52,16 @@ func inPrivateMounts(t *testing.T) bool {
 		}
 		return false
 	}
-	if err := syscall.Mount("tmpfs", "/var/lib", "tmpfs", 0, "mode=0755"); err != nil {
-		t.Fatalf("mount tmpfs on /var/lib: %v", err)
-	}
 	return true
+}
+
+// mountTmpfs mounts a tmpfs with options at dir; only in a private mount
+// namespace.
+func mountTmpfs(t *testing.T, dir, options string) {
+	t.Helper()
+	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, options); err != nil {
+		t.Fatalf("mount tmpfs on %s: %v", dir, err)
+	}
 }
 
 type kubelet struct {
@@ -129,6 +135,7 @@ func TestDevicePluginWithKubeletDeviceManager(t *testing.T) {
 	if !inPrivateMounts(t) {
 		return
 	}
+	mountTmpfs(t, "/var/lib", "mode=0755")
 	const gpu, nvswitch = "nvidia.com/GH100_H100_SXM5_80GB", "nvidia.com/nvswitch"
 	pluginDir := "/var/lib/kubelet/device-plugins"
 	tree, _ := vfiotest.New(t, vfiotest.BoundToVFIO(vfiotest.HGXH100()))

@@ -149,6 +149,7 @@ type containerdProc struct {
 	Socket string
 	mu     sync.Mutex
 	cmd    *exec.Cmd
+	exited chan struct{} // closed when cmd has been waited for
 	log    *bytes.Buffer
 	stop   bool
 	starts int
@@ -184,15 +185,24 @@ func startContainerd(t testing.TB, config, socket string) *containerdProc {
 	t.Cleanup(func() {
 		c.mu.Lock()
 		c.stop = true
-		cmd := c.cmd
 		c.mu.Unlock()
-		cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
+		for { // a restart may be under way: stop whichever process is current
+			c.mu.Lock()
+			cmd, exited := c.cmd, c.exited
+			c.mu.Unlock()
+			cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-exited:
+			case <-time.After(10 * time.Second):
+				cmd.Process.Kill()
+				<-exited
+			}
+			c.mu.Lock()
+			current := c.cmd == cmd
+			c.mu.Unlock()
+			if current {
+				break
+			}
 		}
 		if t.Failed() {
 			t.Logf("containerd log:\n%s", c.logs())
@@ -204,6 +214,8 @@ func startContainerd(t testing.TB, config, socket string) *containerdProc {
 	return c
 }
 
+// start runs containerd; the goroutine that waits for it starts it again
+// when it exits, unless the test is over.
 func (c *containerdProc) start(t testing.TB) {
 	cmd := exec.Command(program(t, "containerd"), "--config", c.Config)
 	cmd.Stdout = lockedWriter{&c.mu, c.log}
@@ -211,8 +223,9 @@ func (c *containerdProc) start(t testing.TB) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	exited := make(chan struct{})
 	c.mu.Lock()
-	c.cmd = cmd
+	c.cmd, c.exited = cmd, exited
 	c.starts++
 	c.mu.Unlock()
 	go func() {
@@ -221,8 +234,9 @@ func (c *containerdProc) start(t testing.TB) {
 		stop := c.stop
 		c.mu.Unlock()
 		if !stop {
-			c.start(t) // the supervisor's part
+			c.start(t)
 		}
+		close(exited)
 	}()
 }
 

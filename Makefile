@@ -12,7 +12,7 @@ GOFLAGS_BIN := -trimpath -ldflags '$(LDFLAGS)'
 # Every package of both modules of the workspace.
 PACKAGES    := ./... ./test/e2e/...
 
-.PHONY: all build test unit e2e bench lint demo images clean help
+.PHONY: all build test unit e2e e2e-kernel bench lint demo images clean help
 
 all: build
 
@@ -38,6 +38,10 @@ unit: ## run the library and agent tests only (no outside programs)
 e2e: ## run the end-to-end tests only
 	hack/install-test-deps.sh
 	$(GO) test -count=1 ./test/e2e/...
+
+e2e-kernel: ## run vfio-manager and discovery against a real kernel under QEMU
+	hack/install-test-deps.sh
+	$(GO) test -count=1 -run 'TestRealKernel' -v ./test/e2e/
 
 bench: ## run the benchmarks
 	$(GO) test -run '^$$' -bench . -benchmem $(PACKAGES)

@@ -359,14 +359,19 @@ func (m *Manager) unbindDevice(ctx context.Context, group int, mem Member) Outco
 		o.Err = fmt.Errorf("unbind %s from %s: %s: %w", d.Address, d.Driver, step, err)
 		return o
 	}
-	if err := m.writeAttr(ctx, filepath.Join(m.sysfs.DevicePath(d.Address), "driver_override"), "\n"); err != nil {
-		return fail("clear driver_override", err)
+	// The override names the recorded driver while the device is given
+	// back: a driver whose id table does not match (pci-stub, a driver
+	// bound by new_id) only takes a device through driver_override.
+	override := filepath.Join(m.sysfs.DevicePath(d.Address), "driver_override")
+	if err := m.writeAttr(ctx, override, rec.Driver+"\n"); err != nil {
+		return fail("set driver_override", err)
 	}
 	err = m.writeAttr(ctx, filepath.Join(m.sysfs.DriverPath(d.Driver), "unbind"), d.Address)
 	if err == nil {
 		err = m.waitDriver(ctx, d.Address, "")
 	}
 	if err != nil {
+		m.restoreOverride(d.Address)
 		return fail("unbind", err)
 	}
 	if rec.Driver != "" {
@@ -378,8 +383,12 @@ func (m *Manager) unbindDevice(ctx context.Context, group int, mem Member) Outco
 			err = m.waitDriver(ctx, d.Address, rec.Driver)
 		}
 		if err != nil {
+			m.restoreOverride(d.Address)
 			return fail(fmt.Sprintf("give back to %s", rec.Driver), err)
 		}
+	}
+	if err := m.writeAttr(ctx, override, "\n"); err != nil {
+		return fail("clear driver_override", err)
 	}
 	if err := m.state.remove(d.Address); err != nil {
 		o.Warning = err.Error()

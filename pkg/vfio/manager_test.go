@@ -377,3 +377,21 @@ func (l *recordingLoader) LoadModule(_ context.Context, name string) error {
 	l.loaded = append(l.loaded, name)
 	return l.emu.LoadDriver(name)
 }
+
+// pci-stub matches no device by id: a device is given back to it through
+// driver_override, as on a real kernel.
+func TestUnbindGivesBackToOverrideOnlyDriver(t *testing.T) {
+	n := vfiotest.Node{Drivers: []string{"vfio-pci"}, Devices: []vfiotest.Device{{
+		Address: "0000:00:04.0", Vendor: 0x1234, Device: 0x1111, Class: 0x030000,
+		Driver: "pci-stub", NativeDriver: "bochs-drm", IOMMUGroup: 3, NUMANode: -1,
+	}}}
+	f := newFixture(t, n)
+	if r := f.bind(t, f.plan(t, "1234:1111", false, nil)); r.Err() != nil {
+		t.Fatal(r.Err())
+	}
+	f.wantDriver(t, "0000:00:04.0", "vfio-pci", "vfio-pci")
+	if r := f.m.Unbind(context.Background(), f.plan(t, "1234:1111", false, nil)); r.Err() != nil {
+		t.Fatal(r.Err())
+	}
+	f.wantDriver(t, "0000:00:04.0", "pci-stub", "")
+}

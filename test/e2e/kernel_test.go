@@ -1,0 +1,311 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// The guest: q35 with an Intel IOMMU, an edu device alone in its group, two
+// edu devices behind a PCI bridge (one group with the bridge), the std VGA,
+// and no NIC. Addresses as QEMU assigns them.
+const (
+	eduAlone  = "0000:00:03.0"
+	vga       = "0000:00:04.0"
+	bridge    = "0000:00:02.0"
+	eduBehind = "0000:01:01.0"
+	eduMate   = "0000:01:02.0"
+)
+
+var qemuDevices = []string{
+	"-device", "intel-iommu",
+	"-device", "pci-bridge,id=br1,chassis_nr=1,addr=2",
+	"-device", "edu,bus=br1,addr=1",
+	"-device", "edu,bus=br1,addr=2",
+	"-device", "edu,addr=3",
+	"-device", "VGA,addr=4",
+}
+
+// guest is one boot of the test kernel running a script.
+type guest struct {
+	console string
+	steps   map[string]step
+}
+
+type step struct {
+	rc  int
+	out string
+}
+
+var stepRE = regexp.MustCompile(`(?s)=== BEGIN (\S+)\r?\n(.*?)=== END (\S+) rc=(\d+)`)
+
+// bootGuest builds an initramfs with busybox, the kernel's vfio modules, the
+// project's static binaries and script, boots it under QEMU (TCG), and
+// returns what each step printed. It fails, never skips, when QEMU or the
+// kernel cannot be had.
+func bootGuest(t *testing.T, script string) *guest {
+	t.Helper()
+	kernel := filepath.Join(repoRoot(), ".cache", "kernel", "current")
+	if _, err := os.Stat(filepath.Join(kernel, "ready")); err != nil {
+		t.Fatal("the test kernel is missing: run hack/fetch-kernel.sh (make test does)")
+	}
+	qemu := program(t, "qemu-system-x86_64")
+	busybox := program(t, "busybox")
+
+	root := t.TempDir()
+	for _, d := range []string{"bin", "modules", "proc", "sys", "dev", "run", "tmp"} {
+		os.MkdirAll(filepath.Join(root, d), 0o755)
+	}
+	copyFile(t, busybox, filepath.Join(root, "bin", "busybox"), 0o755)
+	modules, _ := filepath.Glob(filepath.Join(kernel, "modules", "*.ko"))
+	for _, m := range modules {
+		copyFile(t, m, filepath.Join(root, "modules", filepath.Base(m)), 0o644)
+	}
+	for _, b := range []string{"vfio-manager", "discover"} {
+		copyFile(t, filepath.Join(binDir, b), filepath.Join(root, "bin", b), 0o755)
+	}
+	init := `#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+for m in irqbypass vfio vfio_iommu_type1 vfio_virqfd vfio-pci-core vfio-pci pci-stub; do
+  insmod /modules/$m.ko || echo "insmod $m failed"
+done
+step() { name=$1; shift; echo "=== BEGIN $name"; "$@" 2>&1; echo "=== END $name rc=$?"; }
+drivers() {
+  for d in ` + strings.Join([]string{bridge, eduAlone, vga, eduBehind, eduMate}, " ") + `; do
+    l=$(readlink /sys/bus/pci/devices/$d/driver); echo "DRV $d ${l##*/}"
+  done
+  echo "VFIO $(ls /dev/vfio | tr '\n' ' ')"
+}
+devices() {
+  for d in /sys/bus/pci/devices/*; do
+    g=$(readlink $d/iommu_group); echo "DEV ${d##*/} $(cat $d/vendor):$(cat $d/device) group=${g##*/} numa=$(cat $d/numa_node)"
+  done
+}
+vm() { vfio-manager --sysfs-root /sys --dev-root /dev --host-root / --state-dir /run/vfio-manager --load-modules=false --log-level warn --timeout 5s "$@"; }
+` + script + `
+poweroff -f
+`
+	if err := os.WriteFile(filepath.Join(root, "init"), []byte(init), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	initrd := filepath.Join(t.TempDir(), "initrd.gz")
+	pack := exec.Command("sh", "-c", `find . | "$0" cpio -o -H newc 2>/dev/null | gzip -1 > "$1"`, busybox, initrd)
+	pack.Dir = root
+	if out, err := pack.CombinedOutput(); err != nil {
+		t.Fatalf("pack initramfs: %v\n%s", err, out)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	args := append([]string{"-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "1",
+		"-nic", "none", "-vga", "none", "-nographic", "-no-reboot",
+		"-kernel", filepath.Join(kernel, "vmlinuz"), "-initrd", initrd,
+		"-append", "console=ttyS0 intel_iommu=on panic=-1 quiet"}, qemuDevices...)
+	start := time.Now()
+	out, err := exec.CommandContext(ctx, qemu, args...).CombinedOutput()
+	g := &guest{console: string(out), steps: map[string]step{}}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("guest console:\n%s", g.console)
+		}
+	})
+	if err != nil {
+		t.Fatalf("qemu: %v", err)
+	}
+	t.Logf("boot to result: %s", time.Since(start).Round(10*time.Millisecond))
+	for _, m := range stepRE.FindAllStringSubmatch(g.console, -1) {
+		rc, _ := strconv.Atoi(m[4])
+		g.steps[m[1]] = step{rc: rc, out: strings.ReplaceAll(m[2], "\r", "")}
+	}
+	return g
+}
+
+func copyFile(t *testing.T, from, to string, mode os.FileMode) {
+	t.Helper()
+	b, err := os.ReadFile(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(to, b, mode); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (g *guest) step(t *testing.T, name string, rc int) string {
+	t.Helper()
+	s, ok := g.steps[name]
+	if !ok {
+		t.Fatalf("step %s did not run", name)
+	}
+	if s.rc != rc {
+		t.Errorf("step %s: exit %d, want %d:\n%s", name, s.rc, rc, s.out)
+	}
+	return s.out
+}
+
+// drivers parses the DRV and VFIO lines of a step.
+func drivers(out string) (map[string]string, []string) {
+	drv := map[string]string{}
+	var nodes []string
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		switch {
+		case len(f) >= 2 && f[0] == "DRV":
+			drv[f[1]] = strings.Join(f[2:], "")
+		case len(f) >= 1 && f[0] == "VFIO":
+			nodes = f[1:]
+		}
+	}
+	return drv, nodes
+}
+
+func TestRealKernelVFIO(t *testing.T) {
+	const sel = "--select=1234:11e8,1234:1111"
+	g := bootGuest(t, fmt.Sprintf(`
+step devices devices
+step status-before vm status --json %[1]s
+step bind-one vm bind --device-id %[2]s %[1]s
+step after-bind-one drivers
+step bind-one-again vm bind --device-id %[2]s %[1]s
+step stub-mate sh -c 'echo pci-stub > /sys/bus/pci/devices/%[4]s/driver_override && echo %[4]s > /sys/bus/pci/drivers_probe'
+step not-viable vm bind --device-id %[3]s %[1]s
+step after-not-viable drivers
+step unstub-mate sh -c 'echo > /sys/bus/pci/devices/%[4]s/driver_override && echo %[4]s > /sys/bus/pci/drivers/pci-stub/unbind'
+step stub-vga sh -c 'echo pci-stub > /sys/bus/pci/devices/%[5]s/driver_override && echo %[5]s > /sys/bus/pci/drivers_probe && echo > /sys/bus/pci/devices/%[5]s/driver_override'
+step bind-all vm bind --all %[1]s
+step after-bind-all drivers
+step status-bound vm status --json %[1]s
+step discover discover %[1]s
+step cdevs sh -c 'for d in /sys/bus/pci/devices/*; do for c in $d/vfio-dev/*; do [ -e "$c" ] && echo "CDEV ${d##*/} ${c##*/}"; done; done; true'
+
+step unbind-all vm unbind --all %[1]s
+step after-unbind-all drivers
+`, sel, eduAlone, eduBehind, eduMate, vga))
+
+	// What the guest kernel reports.
+	groups := map[string]string{}
+	for _, line := range strings.Split(g.step(t, "devices", 0), "\n") {
+		if f := strings.Fields(line); len(f) == 5 && f[0] == "DEV" {
+			groups[f[1]] = strings.TrimPrefix(f[3], "group=")
+		}
+	}
+	if groups[eduBehind] != groups[bridge] || groups[eduMate] != groups[bridge] || groups[eduAlone] == groups[bridge] {
+		t.Fatalf("unexpected guest topology: %v", groups)
+	}
+
+	var status []statusEntry
+	if err := json.Unmarshal([]byte(g.step(t, "status-before", 0)), &status); err != nil {
+		t.Fatalf("status --json: %v", err)
+	}
+	var addrs []string
+	for _, e := range status {
+		addrs = append(addrs, e.Address)
+		if strconv.Itoa(e.IOMMUGroup) != groups[e.Address] || e.NUMANode != -1 || e.Driver != "" {
+			t.Errorf("status entry %+v disagrees with the kernel (group %s)", e, groups[e.Address])
+		}
+	}
+	if !slices.Equal(addrs, []string{eduAlone, vga, eduBehind, eduMate}) {
+		t.Errorf("status lists %v; want the edu devices and the VGA, not the bridge", addrs)
+	}
+
+	drv, nodes := drivers(g.step(t, "after-bind-one", 0))
+	if drv[eduAlone] != "vfio-pci" || drv[eduBehind] != "" || !slices.Contains(nodes, groups[eduAlone]) {
+		t.Errorf("after bind by address: drivers %v, /dev/vfio %v", drv, nodes)
+	}
+	if out := g.step(t, "bind-one-again", 0); !strings.Contains(out, "1 unchanged") {
+		t.Errorf("second bind is not a no-op:\n%s", out)
+	}
+
+	out := g.step(t, "not-viable", 1)
+	for _, s := range []string{"not viable", eduBehind, eduMate, "pci-stub"} {
+		if !strings.Contains(out, s) {
+			t.Errorf("viability error does not mention %q:\n%s", s, out)
+		}
+	}
+	if drv, _ := drivers(g.step(t, "after-not-viable", 0)); drv[eduBehind] != "" || drv[eduMate] != "pci-stub" {
+		t.Errorf("a refused group was touched: %v", drv)
+	}
+
+	g.step(t, "stub-vga", 0)
+	g.step(t, "bind-all", 0)
+	drv, nodes = drivers(g.step(t, "after-bind-all", 0))
+	for _, d := range []string{eduAlone, vga, eduBehind, eduMate} {
+		if drv[d] != "vfio-pci" {
+			t.Errorf("after bind --all: %s on %q", d, drv[d])
+		}
+	}
+	if drv[bridge] == "vfio-pci" {
+		t.Error("the bridge was bound")
+	}
+	for _, d := range []string{eduAlone, vga, eduBehind} {
+		if !slices.Contains(nodes, groups[d]) {
+			t.Errorf("/dev/vfio/%s missing after bind: %v", groups[d], nodes)
+		}
+	}
+
+	var bound []statusEntry
+	json.Unmarshal([]byte(g.step(t, "status-bound", 0)), &bound)
+	for _, e := range bound {
+		if e.Driver != "vfio-pci" || e.VFIODevice != "/dev/vfio/"+groups[e.Address] {
+			t.Errorf("status after bind: %+v", e)
+		}
+	}
+
+	// Discovery as the device plugin does it, against the kernel's view.
+	var found []struct {
+		ID        string   `json:"id"`
+		Group     int      `json:"group"`
+		NUMA      int      `json:"numa"`
+		Functions []string `json:"functions"`
+		CDevs     []string `json:"cdevs"`
+		Ready     bool     `json:"ready"`
+	}
+	if err := json.Unmarshal([]byte(g.step(t, "discover", 0)), &found); err != nil {
+		t.Fatalf("discover: %v", err)
+	}
+	if len(found) != 3 {
+		t.Fatalf("discovered %d devices, want one per group: %+v", len(found), found)
+	}
+	cdevs := map[string][]string{}
+	for _, line := range strings.Split(g.step(t, "cdevs", 0), "\n") {
+		if f := strings.Fields(line); len(f) == 3 && f[0] == "CDEV" {
+			cdevs[f[1]] = append(cdevs[f[1]], f[2])
+		}
+	}
+	for _, d := range found {
+		var want []string
+		for _, f := range d.Functions {
+			want = append(want, cdevs[f]...)
+		}
+		if strconv.Itoa(d.Group) != groups[d.ID] || d.NUMA != -1 || !d.Ready || !slices.Equal(d.CDevs, want) {
+			t.Errorf("discovered %+v; the kernel says group %s, no NUMA node, vfio-dev %v", d, groups[d.ID], want)
+		}
+		if d.ID == eduBehind && !slices.Equal(d.Functions, []string{eduBehind, eduMate}) {
+			t.Errorf("the shared group's functions: %v", d.Functions)
+		}
+	}
+
+	g.step(t, "unbind-all", 0)
+	drv, nodes = drivers(g.step(t, "after-unbind-all", 0))
+	if drv[vga] != "pci-stub" {
+		t.Errorf("the VGA went back to %q, not the recorded pci-stub", drv[vga])
+	}
+	for _, d := range []string{eduAlone, eduBehind, eduMate} {
+		if drv[d] != "" {
+			t.Errorf("%s on %q after unbind; it had no driver", d, drv[d])
+		}
+	}
+	if !slices.Equal(nodes, []string{"vfio"}) {
+		t.Errorf("/dev/vfio after unbind: %v", nodes)
+	}
+}

@@ -16,13 +16,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gpu-sandbox/gpu-sandbox/test/e2e/testbed"
+
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/artifacts"
 )
 
 // checkFiles compares the files in dir with want, byte for byte.
-func checkFiles(t *testing.T, dir string, want artifactFiles) {
+func checkFiles(t *testing.T, dir string, want testbed.Files) {
 	t.Helper()
 	for name, data := range want {
 		got, err := os.ReadFile(filepath.Join(dir, name))
@@ -50,11 +52,11 @@ func noDebris(t *testing.T, dir string) {
 func plain() artifacts.Options { return artifacts.Options{PlainHTTP: true, Retries: 2} }
 
 func TestPullColdWarmAndMovedTag(t *testing.T) {
-	reg := startRegistry(t, "", "")
+	reg := testbed.StartRegistry(t, "", "")
 	proxy := startFaultProxy(t, reg.Host)
-	repo := repository(t, reg.Host, "nvidia/kata-gpu-artifacts", "", "")
-	v1 := kataArtifact(1, 3<<20)
-	desc := pushArtifact(t, repo, "ubuntu22.04-535", v1)
+	repo := testbed.Repository(t, reg.Host, "nvidia/kata-gpu-artifacts", "", "")
+	v1 := testbed.KataArtifact(1, 3<<20)
+	desc := testbed.PushArtifact(t, repo, "ubuntu22.04-535", v1)
 	dir := filepath.Join(t.TempDir(), "kata-qemu-nvidia-gpu")
 	ref := proxy.Host + "/nvidia/kata-gpu-artifacts:ubuntu22.04-535"
 
@@ -96,8 +98,8 @@ func TestPullColdWarmAndMovedTag(t *testing.T) {
 	// The tag moves: the new set replaces the old in one rename, the old
 	// version stays for readers that resolved it.
 	old, _ := filepath.EvalSymlinks(dir)
-	v2 := kataArtifact(2, 1<<20)
-	desc2 := pushArtifact(t, repo, "ubuntu22.04-535", v2)
+	v2 := testbed.KataArtifact(2, 1<<20)
+	desc2 := testbed.PushArtifact(t, repo, "ubuntu22.04-535", v2)
 	res, err = artifacts.Pull(context.Background(), ref, dir, plain())
 	if err != nil || !res.Changed || res.Digest != desc2.Digest {
 		t.Fatalf("pull after the tag moved: %+v %v", res, err)
@@ -122,10 +124,10 @@ func TestPullColdWarmAndMovedTag(t *testing.T) {
 }
 
 func TestPullReferences(t *testing.T) {
-	reg := startRegistry(t, "", "")
-	repo := repository(t, reg.Host, "kata", "", "")
-	files := kataArtifact(3, 4096)
-	pushArtifact(t, repo, "latest", files)
+	reg := testbed.StartRegistry(t, "", "")
+	repo := testbed.Repository(t, reg.Host, "kata", "", "")
+	files := testbed.KataArtifact(3, 4096)
+	testbed.PushArtifact(t, repo, "latest", files)
 	dir := filepath.Join(t.TempDir(), "rc")
 	// host:port/repo without a tag means latest.
 	res, err := artifacts.Pull(context.Background(), reg.Host+"/kata", dir, plain())
@@ -141,9 +143,9 @@ func TestPullReferences(t *testing.T) {
 }
 
 func TestPullRetriesServerErrors(t *testing.T) {
-	reg := startRegistry(t, "", "")
+	reg := testbed.StartRegistry(t, "", "")
 	proxy := startFaultProxy(t, reg.Host)
-	pushArtifact(t, repository(t, reg.Host, "kata", "", ""), "v1", kataArtifact(4, 1<<20))
+	testbed.PushArtifact(t, testbed.Repository(t, reg.Host, "kata", "", ""), "v1", testbed.KataArtifact(4, 1<<20))
 	proxy.set(func(p *faultProxy) { p.failNext = 3 })
 	dir := filepath.Join(t.TempDir(), "rc")
 	opts := plain()
@@ -159,17 +161,17 @@ func TestPullRetriesServerErrors(t *testing.T) {
 // Faults during a pull leave the previous artifact in place and no debris,
 // and the error names the reference and the cause.
 func TestPullFaultsKeepPreviousContent(t *testing.T) {
-	reg := startRegistry(t, "", "")
+	reg := testbed.StartRegistry(t, "", "")
 	proxy := startFaultProxy(t, reg.Host)
-	repo := repository(t, reg.Host, "kata", "", "")
-	v1 := kataArtifact(5, 1<<20)
-	pushArtifact(t, repo, "v", v1)
+	repo := testbed.Repository(t, reg.Host, "kata", "", "")
+	v1 := testbed.KataArtifact(5, 1<<20)
+	testbed.PushArtifact(t, repo, "v", v1)
 	dir := filepath.Join(t.TempDir(), "rc")
 	ref := proxy.Host + "/kata:v"
 	if _, err := artifacts.Pull(context.Background(), ref, dir, plain()); err != nil {
 		t.Fatal(err)
 	}
-	pushArtifact(t, repo, "v", kataArtifact(6, 1<<20))
+	testbed.PushArtifact(t, repo, "v", testbed.KataArtifact(6, 1<<20))
 
 	for _, tc := range []struct {
 		name  string
@@ -222,10 +224,10 @@ func TestPullFaultsKeepPreviousContent(t *testing.T) {
 
 // A reset mid-blob is retried as a whole blob.
 func TestPullRetriesCutBlob(t *testing.T) {
-	reg := startRegistry(t, "", "")
+	reg := testbed.StartRegistry(t, "", "")
 	proxy := startFaultProxy(t, reg.Host)
-	files := kataArtifact(7, 2<<20)
-	pushArtifact(t, repository(t, reg.Host, "kata", "", ""), "v", files)
+	files := testbed.KataArtifact(7, 2<<20)
+	testbed.PushArtifact(t, testbed.Repository(t, reg.Host, "kata", "", ""), "v", files)
 	proxy.set(func(p *faultProxy) { p.cutBlobs = 2 })
 	dir := filepath.Join(t.TempDir(), "rc")
 	if _, err := artifacts.Pull(context.Background(), proxy.Host+"/kata:v", dir, plain()); err != nil {
@@ -236,9 +238,9 @@ func TestPullRetriesCutBlob(t *testing.T) {
 
 func TestPullCredentials(t *testing.T) {
 	const user, password = "puller", "s3cret-Pa55word"
-	reg := startRegistry(t, user, password)
-	files := kataArtifact(8, 4096)
-	pushArtifact(t, repository(t, reg.Host, "private/kata", user, password), "v", files)
+	reg := testbed.StartRegistry(t, user, password)
+	files := testbed.KataArtifact(8, 4096)
+	testbed.PushArtifact(t, testbed.Repository(t, reg.Host, "private/kata", user, password), "v", files)
 	ref := reg.Host + "/private/kata:v"
 	b64 := func(s string) string { return encodeBase64(s) }
 	for _, tc := range []struct {
@@ -280,13 +282,13 @@ func TestPullCredentials(t *testing.T) {
 }
 
 func TestPullRefusesUnsafeTitles(t *testing.T) {
-	reg := startRegistry(t, "", "")
+	reg := testbed.StartRegistry(t, "", "")
 	proxy := startFaultProxy(t, reg.Host)
-	repo := repository(t, reg.Host, "evil", "", "")
+	repo := testbed.Repository(t, reg.Host, "evil", "", "")
 	root := t.TempDir()
 	for _, title := range []string{"../../etc/passwd", "/etc/shadow", "a/../../b", ".artifact.json", ".hidden"} {
 		t.Run(title, func(t *testing.T) {
-			pushArtifact(t, repo, "t", artifactFiles{"ok.toml": []byte("x"), title: []byte("pwned")})
+			testbed.PushArtifact(t, repo, "t", testbed.Files{"ok.toml": []byte("x"), title: []byte("pwned")})
 			proxy.resetCounts()
 			dir := filepath.Join(root, "sub", "rc")
 			_, err := artifacts.Pull(context.Background(), proxy.Host+"/evil:t", dir, plain())
@@ -311,14 +313,14 @@ func TestPullRefusesUnsafeTitles(t *testing.T) {
 }
 
 func TestPullPicksPlatformFromIndex(t *testing.T) {
-	reg := startRegistry(t, "", "")
-	repo := repository(t, reg.Host, "multi", "", "")
-	amd, arm := kataArtifact(10, 4096), kataArtifact(11, 4096)
+	reg := testbed.StartRegistry(t, "", "")
+	repo := testbed.Repository(t, reg.Host, "multi", "", "")
+	amd, arm := testbed.KataArtifact(10, 4096), testbed.KataArtifact(11, 4096)
 	pushIndex(t, repo, "v", map[string]ocispec.Descriptor{
-		"linux/amd64": pushArtifact(t, repo, "", amd),
-		"linux/arm64": pushArtifact(t, repo, "", arm),
+		"linux/amd64": testbed.PushArtifact(t, repo, "", amd),
+		"linux/arm64": testbed.PushArtifact(t, repo, "", arm),
 	})
-	for platform, want := range map[string]artifactFiles{"linux/amd64": amd, "linux/arm64": arm} {
+	for platform, want := range map[string]testbed.Files{"linux/amd64": amd, "linux/arm64": arm} {
 		dir := filepath.Join(t.TempDir(), "rc")
 		opts := plain()
 		opts.Platform = platform
@@ -335,8 +337,8 @@ func TestPullPicksPlatformFromIndex(t *testing.T) {
 }
 
 func TestPullPrivateCA(t *testing.T) {
-	reg := startRegistry(t, "", "")
-	pushArtifact(t, repository(t, reg.Host, "kata", "", ""), "v", kataArtifact(12, 4096))
+	reg := testbed.StartRegistry(t, "", "")
+	testbed.PushArtifact(t, testbed.Repository(t, reg.Host, "kata", "", ""), "v", testbed.KataArtifact(12, 4096))
 	// A TLS front whose certificate only the CA file vouches for.
 	upstream, _ := url.Parse("http://" + reg.Host)
 	tlsSrv := httptest.NewUnstartedServer(nil)
@@ -363,10 +365,10 @@ func TestPullDiskFullAndReadOnly(t *testing.T) {
 	if !inPrivateMounts(t) {
 		return
 	}
-	reg := startRegistry(t, "", "")
-	repo := repository(t, reg.Host, "kata", "", "")
-	small := kataArtifact(30, 64<<10)
-	pushArtifact(t, repo, "v", small)
+	reg := testbed.StartRegistry(t, "", "")
+	repo := testbed.Repository(t, reg.Host, "kata", "", "")
+	small := testbed.KataArtifact(30, 64<<10)
+	testbed.PushArtifact(t, repo, "v", small)
 	for _, tc := range []struct {
 		name, options string
 		remountRO     bool
@@ -376,7 +378,7 @@ func TestPullDiskFullAndReadOnly(t *testing.T) {
 		{"read-only", "size=8m", true, "read-only file system"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			pushArtifact(t, repo, "v", small)
+			testbed.PushArtifact(t, repo, "v", small)
 			root := t.TempDir()
 			mountTmpfs(t, root, tc.options)
 			defer syscall.Unmount(root, syscall.MNT_DETACH)
@@ -384,7 +386,7 @@ func TestPullDiskFullAndReadOnly(t *testing.T) {
 			if _, err := artifacts.Pull(context.Background(), reg.Host+"/kata:v", dir, plain()); err != nil {
 				t.Fatal(err)
 			}
-			pushArtifact(t, repo, "v", kataArtifact(31, 1<<20)) // 2 MiB more: too much for 1 MiB
+			testbed.PushArtifact(t, repo, "v", testbed.KataArtifact(31, 1<<20)) // 2 MiB more: too much for 1 MiB
 			if tc.remountRO {
 				if err := syscall.Mount("", root, "", syscall.MS_REMOUNT|syscall.MS_RDONLY, ""); err != nil {
 					t.Fatal(err)

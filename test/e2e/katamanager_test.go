@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gpu-sandbox/gpu-sandbox/test/e2e/testbed"
+
 	cdiapi "tags.cncf.io/container-device-interface/pkg/cdi"
 
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/containerd"
@@ -22,7 +24,7 @@ import (
 
 func TestKataManagerPull(t *testing.T) {
 	reg := startDockerRegistry(t)
-	files := kataArtifact(20, 4<<20)
+	files := testbed.KataArtifact(20, 4<<20)
 	ref := reg.Host + "/nvidia/cloud-native/kata-gpu-artifacts:ubuntu22.04-535"
 	orasPush(t, ref, files)
 	dir := filepath.Join(t.TempDir(), "kata-qemu-nvidia-gpu")
@@ -90,7 +92,7 @@ func newKataNode(t *testing.T, config string) *katanode {
 		dropIn:    filepath.Join(dir, "etc/containerd/conf.d/99-gpu-sandbox.toml"),
 		artifacts: filepath.Join(dir, "artifacts"), cdi: filepath.Join(dir, "cdi"),
 		configFile: filepath.Join(dir, "kata-manager/config.yaml"), tree: tree}
-	n.original = []byte(containerdBase(dir))
+	n.original = []byte(testbed.ContainerdBase(dir))
 	os.MkdirAll(filepath.Dir(n.main), 0o755)
 	os.MkdirAll(filepath.Dir(n.configFile), 0o755)
 	if err := os.WriteFile(n.main, n.original, 0o644); err != nil {
@@ -127,7 +129,7 @@ func classConfig(classes ...string) string {
 func TestKataManagerOnceAndContainerd(t *testing.T) {
 	reg := startDockerRegistry(t)
 	ref := reg.Host + "/nvidia/kata-gpu-artifacts:v1"
-	files := kataArtifact(21, 2<<20)
+	files := testbed.KataArtifact(21, 2<<20)
 	orasPush(t, ref, files)
 	n := newKataNode(t, classConfig("kata-qemu-nvidia-gpu", ref))
 
@@ -147,7 +149,7 @@ func TestKataManagerOnceAndContainerd(t *testing.T) {
 		}
 	}
 
-	ctd := startContainerd(t, n.main, n.socket())
+	ctd := testbed.StartContainerd(t, n.main, n.socket())
 	runtimes := criRuntimes(t, ctd.Socket)
 	kata := runtimes["kata-qemu-nvidia-gpu"]
 	if kata == nil || kata["runtimeType"] != "io.containerd.kata-qemu-nvidia-gpu.v2" || runtimes["runc"] == nil {
@@ -197,9 +199,9 @@ func TestKataManagerOnceAndContainerd(t *testing.T) {
 func TestKataManagerDaemonRestartsContainerdAndCleansUp(t *testing.T) {
 	reg := startDockerRegistry(t)
 	ref := reg.Host + "/nvidia/kata-gpu-artifacts:v1"
-	orasPush(t, ref, kataArtifact(22, 1<<20))
+	orasPush(t, ref, testbed.KataArtifact(22, 1<<20))
 	n := newKataNode(t, classConfig("kata-qemu-nvidia-gpu", ref))
-	ctd := startContainerd(t, n.main, n.socket())
+	ctd := testbed.StartContainerd(t, n.main, n.socket())
 
 	args := n.args("--restart-mode", "signal", "--log-format", "json")
 	cmd := exec.Command(filepath.Join(binDir, "kata-manager"), args...)
@@ -260,9 +262,9 @@ func TestKataManagerDaemonRestartsContainerdAndCleansUp(t *testing.T) {
 func TestKataManagerBadInput(t *testing.T) {
 	reg := startDockerRegistry(t)
 	good := reg.Host + "/nvidia/kata-gpu-artifacts:v1"
-	orasPush(t, good, kataArtifact(23, 4096))
+	orasPush(t, good, testbed.KataArtifact(23, 4096))
 	noConfig := reg.Host + "/nvidia/no-config:v1"
-	orasPush(t, noConfig, artifactFiles{"vmlinuz-6.1": []byte("kernel"), "rootfs.initrd": []byte("initrd")})
+	orasPush(t, noConfig, testbed.Files{"vmlinuz-6.1": []byte("kernel"), "rootfs.initrd": []byte("initrd")})
 
 	t.Run("config file", func(t *testing.T) {
 		n := newKataNode(t, "")

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/gpu-sandbox/gpu-sandbox/test/e2e/testbed"
 )
 
 // The guest: q35 with an Intel IOMMU, an edu device alone in its group, two
@@ -58,8 +60,8 @@ func bootGuest(t *testing.T, script string) *guest {
 	if _, err := os.Stat(filepath.Join(kernel, "ready")); err != nil {
 		t.Fatal("the test kernel is missing: run hack/fetch-kernel.sh (make test does)")
 	}
-	qemu := program(t, "qemu-system-x86_64")
-	busybox := program(t, "busybox")
+	qemu := testbed.Program(t, "qemu-system-x86_64")
+	busybox := testbed.Program(t, "busybox")
 
 	root := t.TempDir()
 	for _, d := range []string{"bin", "modules", "proc", "sys", "dev", "run", "tmp"} {

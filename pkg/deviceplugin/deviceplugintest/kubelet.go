@@ -22,13 +22,24 @@ import (
 // Timeout bounds every wait of this package.
 const Timeout = 5 * time.Second
 
+// T is the part of testing.TB the stand-in uses, so that programs other
+// than tests (a demo) can run it too.
+type T interface {
+	Helper()
+	Fatal(args ...any)
+	Fatalf(format string, args ...any)
+	Cleanup(func())
+}
+
+var _ T = testing.TB(nil)
+
 // Kubelet serves kubelet.sock in a plugin directory.
 type Kubelet struct {
 	pluginapi.UnimplementedRegistrationServer
 	Dir string
 
 	srv *grpc.Server
-	tb  testing.TB
+	tb  T
 
 	mu      sync.Mutex
 	plugins map[string]*Plugin
@@ -37,7 +48,7 @@ type Kubelet struct {
 }
 
 // Start serves kubelet.sock in dir until the test ends.
-func Start(tb testing.TB, dir string) *Kubelet {
+func Start(tb T, dir string) *Kubelet {
 	tb.Helper()
 	lis, err := net.Listen("unix", filepath.Join(dir, "kubelet.sock"))
 	if err != nil {

@@ -1,49 +1,111 @@
 // Command demo runs gpu-sandbox's main job on a simulated node: a fake HGX
-// H100 board whose kernel is emulated, the real agents built from this tree,
-// and what a cluster administrator would look at after each step.
+// H100 board whose kernel is emulated, a local registry with sample Kata
+// artifacts, Debian's containerd when it is installed (the configuration
+// alone otherwise), a kubelet stand-in, and the real agents built from this
+// tree. It prints what a cluster administrator would look at, then undoes
+// everything.
 package main
 
 import (
+	"bufio"
+	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"slices"
 	"strings"
+	"sync"
+	"syscall"
 	"time"
 
+	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
+	cdiapi "tags.cncf.io/container-device-interface/pkg/cdi"
+
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/deviceplugin/deviceplugintest"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio/vfiotest"
+	"github.com/gpu-sandbox/gpu-sandbox/test/e2e/testbed"
 )
 
 func main() {
-	if err := run(); err != nil {
-		fmt.Fprintf(os.Stderr, "demo: %v\n", err)
+	d := &demo{start: time.Now()}
+	err := d.run()
+	d.cleanup()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "\ndemo failed: %v\n", err)
 		os.Exit(1)
 	}
 }
 
+const (
+	gpuResource      = "nvidia.com/GH100_H100_SXM5_80GB"
+	nvswitchResource = "nvidia.com/nvswitch"
+	runtimeClass     = "kata-qemu-nvidia-gpu"
+)
+
 type demo struct {
-	work  string // everything the demo writes, removed at the end
-	bin   string
-	tree  *vfiotest.Tree
-	start time.Time
+	start    time.Time
+	work     string
+	bin      string
+	tree     *vfiotest.Tree
+	cleanups []func()
 }
 
-func run() error {
-	d := &demo{start: time.Now()}
-	var err error
-	if d.work, err = os.MkdirTemp("", "gpu-sandbox-demo-"); err != nil {
+// failure carries a fatal error out of the helpers through panic.
+type failure struct{ err error }
+
+// The demo is its own test harness: testbed and deviceplugintest run with it.
+func (d *demo) Helper()                   {}
+func (d *demo) Fatal(args ...any)         { panic(failure{fmt.Errorf("%s", fmt.Sprint(args...))}) }
+func (d *demo) Fatalf(f string, a ...any) { panic(failure{fmt.Errorf(f, a...)}) }
+func (d *demo) Cleanup(f func())          { d.cleanups = append(d.cleanups, f) }
+func (d *demo) Failed() bool              { return false }
+func (d *demo) Logf(string, ...any)       {}
+func (d *demo) TempDir() string {
+	dir, err := os.MkdirTemp(d.work, "t")
+	if err != nil {
+		d.Fatal(err)
+	}
+	return dir
+}
+
+func (d *demo) cleanup() {
+	for i := len(d.cleanups) - 1; i >= 0; i-- {
+		d.cleanups[i]()
+	}
+	if d.work != "" {
+		os.RemoveAll(d.work)
+	}
+}
+
+func step(format string, args ...any) { fmt.Printf("\n==> "+format+"\n", args...) }
+func say(format string, args ...any)  { fmt.Printf("    "+format+"\n", args...) }
+
+func (d *demo) run() (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			f, ok := r.(failure)
+			if !ok {
+				panic(r)
+			}
+			err = f.err
+		}
+	}()
+	// A short base: containerd's and the plugins' unix sockets live here.
+	if d.work, err = os.MkdirTemp("", "gsd"); err != nil {
 		return err
 	}
-	defer os.RemoveAll(d.work)
 
-	d.step("Building the agents from this tree")
+	step("Building the three agents from this tree")
 	d.bin = filepath.Join(d.work, "bin")
 	if err := d.build(); err != nil {
 		return err
 	}
 
-	d.step("Simulating a node: HGX H100 board (8 GPUs, 4 NVSwitches) with an emulated kernel")
+	step("A simulated node: HGX H100 board (8 GPUs on NUMA nodes 0 and 1, 4 NVSwitches), kernel emulated")
 	if d.tree, err = vfiotest.Build(filepath.Join(d.work, "node"), vfiotest.HGXH100()); err != nil {
 		return err
 	}
@@ -51,37 +113,181 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	defer emu.Close()
-	fmt.Printf("  sysfs %s\n  /dev  %s\n", d.tree.SysfsRoot, d.tree.DevRoot)
+	d.Cleanup(func() { emu.Close() })
+	say("sysfs under %s, /dev under %s", d.tree.SysfsRoot, d.tree.DevRoot)
 
-	d.step("vfio-manager status: what bind --all would touch")
-	if err := d.agent("vfio-manager", "status"); err != nil {
+	step("vfio-manager bind --all: every GPU and NVSwitch to vfio-pci, IOMMU groups in parallel")
+	vm := []string{"--sysfs-root", d.tree.SysfsRoot, "--dev-root", d.tree.DevRoot, "--host-root", d.tree.HostRoot,
+		"--state-dir", filepath.Join(d.work, "vfio-state"), "--load-modules=false", "--bind-nvswitches"}
+	if err := d.show("vfio-manager", append([]string{"bind", "--all"}, vm...)...); err != nil {
 		return err
 	}
-	d.step("vfio-manager bind --all: GPUs and NVSwitches to vfio-pci, one IOMMU group at a time, in parallel")
-	if err := d.agent("vfio-manager", "bind", "--all"); err != nil {
+	if err := d.show("vfio-manager", append([]string{"status"}, vm...)...); err != nil {
 		return err
 	}
-	if err := d.agent("vfio-manager", "status"); err != nil {
+	unbound := false
+	unbind := func() error {
+		unbound = true
+		step("vfio-manager unbind --all: every device back to the driver it had")
+		return d.show("vfio-manager", append([]string{"unbind", "--all"}, vm...)...)
+	}
+	d.Cleanup(func() {
+		if !unbound {
+			unbind()
+		}
+	})
+
+	step("A local OCI registry with sample Kata artifacts (pushed as oras does: a title per file)")
+	reg := testbed.StartRegistry(d, "", "")
+	ref := reg.Host + "/nvidia/cloud-native/kata-gpu-artifacts:ubuntu22.04-535"
+	files := testbed.KataArtifact(1, 24<<20)
+	testbed.PushArtifact(d, testbed.Repository(d, reg.Host, "nvidia/cloud-native/kata-gpu-artifacts", "", ""), "ubuntu22.04-535", files)
+	for _, name := range testbed.SortedKeys(files) {
+		say("%-40s %6.1f MiB", name, float64(len(files[name]))/(1<<20))
+	}
+
+	main := filepath.Join(d.work, "etc/containerd/config.toml")
+	dropIn := filepath.Join(d.work, "etc/containerd/conf.d/99-gpu-sandbox.toml")
+	socket := filepath.Join(d.work, "containerd.sock")
+	original := []byte(testbed.ContainerdBase(d.work))
+	os.MkdirAll(filepath.Dir(main), 0o755)
+	if err := os.WriteFile(main, original, 0o644); err != nil {
 		return err
 	}
-	entries, _ := os.ReadDir(filepath.Join(d.tree.DevRoot, "vfio"))
-	var nodes []string
+	restart := "none"
+	if _, err := exec.LookPath("containerd"); err == nil && os.Geteuid() == 0 {
+		step("containerd (Debian's, as installed here) on a configuration of its own")
+		testbed.StartContainerd(d, main, socket)
+		restart = "signal"
+		say("serving %s; kata-manager will restart it with SIGHUP, as on a node", socket)
+	} else {
+		step("No containerd here (or not root): kata-manager writes the configuration only")
+	}
+
+	step("kata-manager: pull the artifacts, point the Kata configuration at them, register %s", runtimeClass)
+	config := filepath.Join(d.work, "kata-manager.yaml")
+	artifactsDir := filepath.Join(d.work, "artifacts")
+	cdiRoot := filepath.Join(d.work, "cdi")
+	os.WriteFile(config, []byte(fmt.Sprintf("artifactsDir: %s\nruntimeClasses:\n- name: %s\n  nodeSelector: {}\n  artifacts:\n    url: %s\n    pullSecret: \"\"\n    plainHTTP: true\n",
+		artifactsDir, runtimeClass, ref)), 0o644)
+	km, kmLog, err := d.startAgent("kata-manager", "--config-file", config, "--containerd-config", main,
+		"--containerd-drop-in", dropIn, "--containerd-socket", socket, "--restart-mode", restart,
+		"--load-kernel-modules=false", "--cdi-root", cdiRoot, "--sysfs-root", d.tree.SysfsRoot, "--dev-root", d.tree.DevRoot)
+	if err != nil {
+		return err
+	}
+	if err := waitFile(filepath.Join(artifactsDir, "k8s-kata-manager.pid"), 60*time.Second); err != nil {
+		return fmt.Errorf("kata-manager not ready: %w\n%s", err, kmLog)
+	}
+	for _, line := range strings.Split(kmLog.String(), "\n") {
+		if strings.Contains(line, "msg=\"download") || strings.Contains(line, "pulled") ||
+			strings.Contains(line, "written") || strings.Contains(line, "restarted") || strings.Contains(line, "ready") {
+			say("%s", logMsg(line))
+		}
+	}
+	say("")
+	say("containerd runtime entry (%s):", dropIn)
+	printRuntime(dropIn, runtimeClass)
+	if restart == "signal" {
+		out, err := exec.Command("containerd", "--config", main, "config", "dump").Output()
+		if err == nil && bytes.Contains(out, []byte("runtimes."+runtimeClass+"]")) {
+			say("containerd's own reading of its configuration lists %s (and runc)", runtimeClass)
+		}
+	}
+
+	step("sandbox-device-plugin: advertise the vfio-bound GPUs to a kubelet stand-in")
+	pluginDir := filepath.Join(d.work, "device-plugins")
+	os.MkdirAll(pluginDir, 0o750)
+	kubelet := deviceplugintest.Start(d, pluginDir)
+	plugin, pluginLog, err := d.startAgent("sandbox-device-plugin", "--device-plugin-path", pluginDir,
+		"--sysfs-root", d.tree.SysfsRoot, "--dev-root", d.tree.DevRoot, "--cdi-root", cdiRoot)
+	if err != nil {
+		return err
+	}
+	healthy := func(n int) func([]*pluginapi.Device) bool {
+		return func(l []*pluginapi.Device) bool {
+			c := 0
+			for _, dev := range l {
+				if dev.Health == pluginapi.Healthy {
+					c++
+				}
+			}
+			return c == n
+		}
+	}
+	gpus := kubelet.WaitForDevices(gpuResource, healthy(8))
+	kubelet.WaitForDevices(nvswitchResource, healthy(4))
+	say("node capacity as the kubelet sees it:")
+	say("  %s: 8", gpuResource)
+	say("  %s: 4", nvswitchResource)
+
+	step("CDI specs in %s", cdiRoot)
+	cache, err := cdiapi.NewCache(cdiapi.WithSpecDirs(cdiRoot), cdiapi.WithAutoRefresh(false))
+	if err != nil {
+		return err
+	}
+	entries, _ := os.ReadDir(cdiRoot)
 	for _, e := range entries {
-		nodes = append(nodes, "/dev/vfio/"+e.Name())
+		say("%s", filepath.Join(cdiRoot, e.Name()))
 	}
-	fmt.Printf("  VFIO nodes: %s\n", strings.Join(nodes, " "))
+	names := cache.ListDevices()
+	slices.Sort(names)
+	for _, kind := range []string{"nvidia.com/pgpu=", gpuResource + "=", nvswitchResource + "="} {
+		var these []string
+		for _, n := range names {
+			if strings.HasPrefix(n, kind) {
+				these = append(these, n)
+			}
+		}
+		if len(these) > 3 {
+			these = append(these[:3], fmt.Sprintf("... (%d names)", len(these)))
+		}
+		say("  %s", strings.Join(these, "  "))
+	}
 
-	d.step("vfio-manager unbind --all: every device back to the driver it had")
-	if err := d.agent("vfio-manager", "unbind", "--all"); err != nil {
+	step("A pod asks for 4 GPUs: the kubelet's preferred allocation, then Allocate")
+	ctx := context.Background()
+	var ids []string
+	for _, dev := range gpus.Devices() {
+		ids = append(ids, dev.ID)
+	}
+	pref, err := gpus.Client.GetPreferredAllocation(ctx, &pluginapi.PreferredAllocationRequest{
+		ContainerRequests: []*pluginapi.ContainerPreferredAllocationRequest{{AvailableDeviceIDs: ids, AllocationSize: 4}}})
+	if err != nil {
 		return err
 	}
-	d.step(fmt.Sprintf("Done in %s; the simulated node is removed", time.Since(d.start).Round(10*time.Millisecond)))
-	return nil
-}
+	chosen := pref.ContainerResponses[0].DeviceIDs
+	say("preferred (one NUMA node): %s", strings.Join(chosen, " "))
+	resp, err := gpus.Client.Allocate(ctx, &pluginapi.AllocateRequest{
+		ContainerRequests: []*pluginapi.ContainerAllocateRequest{{DevicesIds: chosen}}})
+	if err != nil {
+		return err
+	}
+	c := resp.ContainerResponses[0]
+	for _, dev := range c.Devices {
+		say("device  %s (%s)", dev.HostPath, dev.Permissions)
+	}
+	for k, v := range c.Envs {
+		say("env     %s=%s", k, v)
+	}
+	for _, cd := range c.CdiDevices {
+		say("cdi     %s", cd.Name)
+	}
 
-func (d *demo) step(msg string) {
-	fmt.Printf("\n==> %s\n", msg)
+	step("Stopping the agents: sockets, CDI specs and containerd entries go")
+	stop(plugin)
+	say("sandbox-device-plugin stopped: %s", lastLine(pluginLog))
+	stop(km)
+	say("kata-manager stopped: %s", lastLine(kmLog))
+	after, _ := os.ReadFile(main)
+	say("containerd configuration given back byte for byte: %v", bytes.Equal(after, original))
+	left, _ := os.ReadDir(cdiRoot)
+	say("CDI specs left: %d", len(left))
+	if err := unbind(); err != nil {
+		return err
+	}
+	step("Done in %s; the simulated node is removed", time.Since(d.start).Round(100*time.Millisecond))
+	return nil
 }
 
 func (d *demo) build() error {
@@ -94,21 +300,115 @@ func (d *demo) build() error {
 	return cmd.Run()
 }
 
-// agent runs one of the project's binaries against the simulated node,
-// indenting what it prints.
-func (d *demo) agent(name string, args ...string) error {
-	fmt.Printf("  $ %s %s\n", name, strings.Join(args, " "))
-	args = append(args,
-		"--sysfs-root", d.tree.SysfsRoot, "--dev-root", d.tree.DevRoot, "--host-root", d.tree.HostRoot,
-		"--state-dir", filepath.Join(d.work, "state"), "--load-modules=false", "--bind-nvswitches",
-		"--log-level", "warn")
-	cmd := exec.Command(filepath.Join(d.bin, name), args...)
-	out, err := cmd.CombinedOutput()
+// show runs an agent to completion and prints its output, indented.
+func (d *demo) show(name string, args ...string) error {
+	fmt.Printf("    $ %s %s\n", name, strings.Join(args[:min(len(args), 2)], " "))
+	out, err := exec.Command(filepath.Join(d.bin, name), append(args, "--log-level", "warn")...).CombinedOutput()
 	for _, line := range strings.Split(strings.TrimRight(string(out), "\n"), "\n") {
-		fmt.Printf("    %s\n", line)
+		say("  %s", line)
 	}
+	return err
+}
+
+// startAgent starts a daemon agent, collecting its log.
+func (d *demo) startAgent(name string, args ...string) (*exec.Cmd, *lockedBuffer, error) {
+	log := &lockedBuffer{}
+	cmd := exec.Command(filepath.Join(d.bin, name), args...)
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		return nil, nil, err
+	}
+	d.Cleanup(func() { stop(cmd) })
+	return cmd, log, nil
+}
+
+func stop(cmd *exec.Cmd) {
+	if cmd.ProcessState != nil {
+		return
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		cmd.Process.Kill()
+		<-done
+	}
+}
+
+func waitFile(path string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		if _, err := os.Stat(path); err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s not there after %s", path, timeout)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// logMsg is the message of a logrus text line, with the digest or path
+// it names.
+func logMsg(line string) string {
+	m := msgRE.FindStringSubmatch(line)
+	if m == nil {
+		return line
+	}
+	msg := strings.Trim(m[1], `"`)
+	if f := fieldRE.FindStringSubmatch(line); f != nil {
+		msg += "  " + f[0]
+	}
+	return msg
+}
+
+var (
+	msgRE   = regexp.MustCompile(`msg=("[^"]*"|\S+)`)
+	fieldRE = regexp.MustCompile(`(digest|path|pidFile)=\S+`)
+)
+
+func lastLine(b *lockedBuffer) string {
+	lines := strings.Split(strings.TrimSpace(b.String()), "\n")
+	return logMsg(lines[len(lines)-1])
+}
+
+// printRuntime prints the runtime's tables from a containerd TOML file.
+func printRuntime(path, name string) {
+	f, err := os.Open(path)
 	if err != nil {
-		return fmt.Errorf("%s %s: %w", name, strings.Join(args, " "), err)
+		say("  (%v)", err)
+		return
 	}
-	return nil
+	defer f.Close()
+	in := false
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		line := sc.Text()
+		if strings.HasPrefix(line, "[") {
+			in = strings.Contains(line, "runtimes."+name)
+		}
+		if in && strings.TrimSpace(line) != "" {
+			say("  %s", line)
+		}
+	}
+}
+
+// lockedBuffer collects an agent's output while the demo reads it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

@@ -1,0 +1,35 @@
+package e2e
+
+import (
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// make demo is the first command a newcomer runs: it must keep working and
+// keep showing what the README promises.
+func TestDemo(t *testing.T) {
+	cmd := exec.Command("go", "run", "./test/e2e/cmd/demo")
+	cmd.Dir = repoRoot()
+	cmd.Env = os.Environ()
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("make demo: %v\n%s", err, out)
+	}
+	for _, want := range []string{
+		"bind: 12 bound",
+		"nvidia.com/GH100_H100_SXM5_80GB: 8",
+		"nvidia.com/nvswitch: 4",
+		"nvidia.com/pgpu=0",
+		"runtime_type = 'io.containerd.kata-qemu-nvidia-gpu.v2'",
+		"env     PCI_RESOURCE_NVIDIA_COM_GH100_H100_SXM5_80GB=",
+		"given back byte for byte: true",
+		"CDI specs left: 0",
+		"unbind: 12 unbound",
+	} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("demo output lacks %q:\n%s", want, out)
+		}
+	}
+}

@@ -76,11 +76,11 @@ func (r *Restarter) Restart(ctx context.Context) (bool, error) {
 			time.Sleep(10 * time.Millisecond)
 		}
 	case RestartSystemd:
-		var cmd *exec.Cmd
-		if filepath.Clean(r.hostRoot) == "/" {
-			cmd = exec.CommandContext(ctx, "systemctl", "restart", "containerd")
-		} else {
-			cmd = exec.CommandContext(ctx, "chroot", r.hostRoot, "systemctl", "restart", "containerd")
+		// The child chroots into the host root before it starts systemctl.
+		cmd := exec.CommandContext(ctx, "/usr/bin/systemctl", "restart", "containerd")
+		if filepath.Clean(r.hostRoot) != "/" {
+			cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: r.hostRoot}
+			cmd.Dir = "/"
 		}
 		if out, err := cmd.CombinedOutput(); err != nil {
 			return false, fmt.Errorf("restart containerd: systemctl: %w: %s", err, strings.TrimSpace(string(out)))

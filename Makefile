@@ -12,7 +12,7 @@ GOFLAGS_BIN := -trimpath -ldflags '$(LDFLAGS)'
 # Every package of both modules of the workspace.
 PACKAGES    := ./... ./test/e2e/...
 
-.PHONY: all build test unit e2e e2e-kernel bench lint demo images clean help
+.PHONY: all build test unit e2e e2e-kernel bench lint demo images images-local clean help
 
 all: build
 
@@ -54,8 +54,18 @@ lint: ## go vet, gofmt and staticcheck
 demo: ## run the main job on a simulated node and show what a user would see
 	$(GO) run ./test/e2e/cmd/demo
 
-images: ## build the three operand images with docker (not available yet)
-	@echo "images: the operand Dockerfiles are not written yet (see the issue on images and manifests)"
+REGISTRY ?= ghcr.io/gpu-sandbox
+IMAGE_TAG ?= $(VERSION)
+
+images: ## build the three operand images with docker (REGISTRY, IMAGE_TAG)
+	for a in $(COMMANDS); do \
+		docker build -f deployments/container/$$a.Dockerfile --build-arg VERSION=$(VERSION) \
+			-t $(REGISTRY)/$$a:$(IMAGE_TAG) . || exit 1; \
+	done
+
+images-local: build ## build the same images without a Docker engine into .cache/images (an OCI layout)
+	rm -rf .cache/images
+	$(GO) run ./test/e2e/cmd/imagebuild --bin bin --version $(IMAGE_TAG) --oci-layout .cache/images
 
 clean: ## remove build outputs
 	rm -rf bin

@@ -25,7 +25,8 @@ Commands:
   bind --all | --device-id BDF[,BDF...]    give devices and their IOMMU group mates to vfio
   unbind --all | --device-id BDF[,BDF...]  give them back to the driver they had
   status [--json]                          list the devices bind --all would touch
-  run                                      bind --all, mark ready, wait for SIGTERM, unbind`
+  run                                      bind --all, mark ready, wait for SIGTERM, unbind
+  ready                                    exit 0 once run has marked itself ready (readiness probes)`
 
 func main() {
 	os.Exit(cli.ExitCode(run()))

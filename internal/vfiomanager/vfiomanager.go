@@ -59,14 +59,20 @@ func Run(ctx context.Context, cfg Config) error {
 		if cfg.All == (len(cfg.DeviceIDs) > 0) {
 			return cli.Usagef("%s: give either --all or --device-id", cfg.Command)
 		}
+	case "ready":
+		// For readiness probes in an image without a shell.
+		if _, err := os.Stat(cfg.ReadyFile); err != nil {
+			return fmt.Errorf("not ready: %w", err)
+		}
+		return nil
 	case "status", "run":
 		if len(cfg.DeviceIDs) > 0 {
 			return cli.Usagef("%s: --device-id does not apply; it works on every selected device", cfg.Command)
 		}
 	case "":
-		return cli.Usagef("no command: want bind, unbind, status or run")
+		return cli.Usagef("no command: want bind, unbind, status, run or ready")
 	default:
-		return cli.Usagef("unknown command %q: want bind, unbind, status or run", cfg.Command)
+		return cli.Usagef("unknown command %q: want bind, unbind, status, run or ready", cfg.Command)
 	}
 	if cfg.Timeout <= 0 {
 		return cli.Usagef("--timeout %s: must be positive", cfg.Timeout)

@@ -1,0 +1,120 @@
+package e2e
+
+import (
+	"archive/tar"
+	"errors"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/gpu-sandbox/gpu-sandbox/test/e2e/testbed"
+)
+
+var agents = []string{"vfio-manager", "sandbox-device-plugin", "kata-manager"}
+
+// The operand images, built here without a Docker engine, pushed to a
+// registry, pulled back, and run from their own file system; their
+// entrypoint and user are those of the Dockerfiles.
+func TestImages(t *testing.T) {
+	reg := testbed.StartRegistry(t, "", "")
+	cmd := exec.Command("go", "run", "./test/e2e/cmd/imagebuild", "--bin", binDir, "--version", testVersion,
+		"--push", reg.Host+"/gpu-sandbox", "--plain-http")
+	cmd.Dir = repoRoot()
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("imagebuild: %v\n%s", err, out)
+	}
+	for _, agent := range agents {
+		t.Run(agent, func(t *testing.T) {
+			ref, err := name.ParseReference(reg.Host+"/gpu-sandbox/"+agent+":"+testVersion, name.Insecure)
+			if err != nil {
+				t.Fatal(err)
+			}
+			img, err := remote.Image(ref)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg, err := img.ConfigFile()
+			if err != nil {
+				t.Fatal(err)
+			}
+			dockerfile, err := os.ReadFile(filepath.Join(repoRoot(), "deployments/container", agent+".Dockerfile"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			entry := regexp.MustCompile(`(?m)^ENTRYPOINT \["([^"]+)"\]`).FindSubmatch(dockerfile)
+			user := regexp.MustCompile(`(?m)^USER (\S+)`).FindSubmatch(dockerfile)
+			if entry == nil || user == nil || !slices.Equal(cfg.Config.Entrypoint, []string{string(entry[1])}) || cfg.Config.User != string(user[1]) {
+				t.Errorf("image entrypoint %v user %q; the Dockerfile says %s and %s", cfg.Config.Entrypoint, cfg.Config.User, entry, user)
+			}
+			if !strings.Contains(string(dockerfile), "FROM scratch") {
+				t.Error("the Dockerfile's final stage is not scratch")
+			}
+
+			root := t.TempDir()
+			if err := extract(mutate.Extract(img), root); err != nil {
+				t.Fatal(err)
+			}
+			names := []string{agent}
+			if agent == "vfio-manager" {
+				names = append(names, "vfio-manage")
+			}
+			for _, n := range names {
+				out, err := exec.Command(filepath.Join(root, "usr/bin", n), "--version").CombinedOutput()
+				if err != nil || !strings.Contains(string(out), testVersion) {
+					t.Errorf("%s --version from the image: %v %s", n, err, out)
+				}
+			}
+			if _, err := os.Stat(filepath.Join(root, "etc/ssl/certs/ca-certificates.crt")); err != nil {
+				t.Errorf("no CA bundle for registries over HTTPS: %v", err)
+			}
+		})
+	}
+}
+
+// extract unpacks an image's file system into dir, refusing paths outside it.
+func extract(r io.ReadCloser, dir string) error {
+	defer r.Close()
+	tr := tar.NewReader(r)
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if !filepath.IsLocal(h.Name) {
+			return errors.New("unsafe path in image: " + h.Name)
+		}
+		path := filepath.Join(dir, h.Name)
+		switch h.Typeflag {
+		case tar.TypeDir:
+			os.MkdirAll(path, 0o755)
+		case tar.TypeSymlink:
+			os.MkdirAll(filepath.Dir(path), 0o755)
+			if err := os.Symlink(h.Linkname, path); err != nil {
+				return err
+			}
+		case tar.TypeReg:
+			os.MkdirAll(filepath.Dir(path), 0o755)
+			f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, os.FileMode(h.Mode))
+			if err != nil {
+				return err
+			}
+			if _, err := io.Copy(f, tr); err != nil {
+				f.Close()
+				return err
+			}
+			f.Close()
+		}
+	}
+}

@@ -3,9 +3,12 @@ package sandboxplugin_test
 import (
 	"context"
 	"os"
+
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/fsnotify/fsnotify"
 
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 
@@ -84,6 +87,46 @@ func BenchmarkHealthPropagation(b *testing.B) {
 		n.kubelet.WaitForDevices(h100, func(l []*pluginapi.Device) bool {
 			return deviceplugintest.Health(l, "0000:3a:00.0") == pluginapi.Healthy
 		})
+		b.StartTimer()
+	}
+	latencies(b, d)
+}
+
+// BenchmarkFsnotifyFloor is the floor under health propagation: the time
+// from a file disappearing to fsnotify reporting it, with nothing else.
+func BenchmarkFsnotifyFloor(b *testing.B) {
+	dir := b.TempDir()
+	node := dir + "/22"
+	if err := os.WriteFile(node, nil, 0o600); err != nil {
+		b.Fatal(err)
+	}
+	w, err := fsnotify.NewWatcher()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer w.Close()
+	if err := w.Add(dir); err != nil {
+		b.Fatal(err)
+	}
+	var d []time.Duration
+	for b.Loop() {
+		start := time.Now()
+		if err := os.Rename(node, node+".gone"); err != nil {
+			b.Fatal(err)
+		}
+		for ev := range w.Events {
+			if ev.Name == node {
+				break
+			}
+		}
+		d = append(d, time.Since(start))
+		b.StopTimer()
+		os.Rename(node+".gone", node)
+		for ev := range w.Events {
+			if ev.Name == node {
+				break
+			}
+		}
 		b.StartTimer()
 	}
 	latencies(b, d)

@@ -4,6 +4,7 @@ import (
 	"net/http"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
@@ -28,7 +29,10 @@ func newMetrics() *metrics {
 			Name: "gpu_sandbox_registrations_total", Help: "Registrations with the kubelet, by resource.",
 		}, []string{"resource"}),
 	}
-	m.reg.MustRegister(m.devices, m.allocations, m.registrations)
+	// The runtime's own series (goroutines, open fds, memory) show leaks
+	// across kubelet restarts.
+	m.reg.MustRegister(m.devices, m.allocations, m.registrations,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 

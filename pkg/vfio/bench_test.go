@@ -6,6 +6,7 @@ import (
 
 	"github.com/NVIDIA/go-nvlib/pkg/nvpci"
 
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/cdi"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio/vfiotest"
 )
@@ -26,8 +27,9 @@ func synthetic64() vfiotest.Node {
 	return n
 }
 
-// BenchmarkDiscovery reads every device and finds the passthrough groups,
-// as the device plugin does on each change; nvpci reads the same tree.
+// BenchmarkDiscovery reads every device, finds the passthrough groups and
+// builds the nvidia.com/pgpu CDI spec, as the device plugin does on each
+// change; nvpci only reads the same tree.
 func BenchmarkDiscovery(b *testing.B) {
 	for name, node := range map[string]vfiotest.Node{
 		"hgx":     vfiotest.BoundToVFIO(vfiotest.HGXH100()),
@@ -45,8 +47,8 @@ func BenchmarkDiscovery(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				if len(vfio.FindPassthrough(devices, sel)) == 0 {
-					b.Fatal("nothing found")
+				if _, err := cdi.NewPassthroughSpec(vfio.FindPassthrough(devices, sel), cdi.SpecOptions{Sysfs: s}); err != nil {
+					b.Fatal(err)
 				}
 			}
 		})

@@ -31,9 +31,12 @@ import (
 )
 
 func main() {
-	d := &demo{start: time.Now()}
-	err := d.run()
-	d.cleanup()
+	h, err := testbed.NewHarness("gsd") // a short base: unix sockets live there
+	if err == nil {
+		d := &demo{Harness: h, start: time.Now(), work: h.Dir}
+		err = h.Run(d.run)
+		h.Close()
+	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "\ndemo failed: %v\n", err)
 		os.Exit(1)
@@ -47,58 +50,18 @@ const (
 )
 
 type demo struct {
-	start    time.Time
-	work     string
-	bin      string
-	tree     *vfiotest.Tree
-	cleanups []func()
-}
-
-// failure carries a fatal error out of the helpers through panic.
-type failure struct{ err error }
-
-// The demo is its own test harness: testbed and deviceplugintest run with it.
-func (d *demo) Helper()                   {}
-func (d *demo) Fatal(args ...any)         { panic(failure{fmt.Errorf("%s", fmt.Sprint(args...))}) }
-func (d *demo) Fatalf(f string, a ...any) { panic(failure{fmt.Errorf(f, a...)}) }
-func (d *demo) Cleanup(f func())          { d.cleanups = append(d.cleanups, f) }
-func (d *demo) Failed() bool              { return false }
-func (d *demo) Logf(string, ...any)       {}
-func (d *demo) TempDir() string {
-	dir, err := os.MkdirTemp(d.work, "t")
-	if err != nil {
-		d.Fatal(err)
-	}
-	return dir
-}
-
-func (d *demo) cleanup() {
-	for i := len(d.cleanups) - 1; i >= 0; i-- {
-		d.cleanups[i]()
-	}
-	if d.work != "" {
-		os.RemoveAll(d.work)
-	}
+	*testbed.Harness
+	start time.Time
+	work  string
+	bin   string
+	tree  *vfiotest.Tree
 }
 
 func step(format string, args ...any) { fmt.Printf("\n==> "+format+"\n", args...) }
 func say(format string, args ...any)  { fmt.Printf("    "+format+"\n", args...) }
 
-func (d *demo) run() (err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			f, ok := r.(failure)
-			if !ok {
-				panic(r)
-			}
-			err = f.err
-		}
-	}()
-	// A short base: containerd's and the plugins' unix sockets live here.
-	if d.work, err = os.MkdirTemp("", "gsd"); err != nil {
-		return err
-	}
-
+func (d *demo) run() error {
+	var err error
 	step("Building the three agents from this tree")
 	d.bin = filepath.Join(d.work, "bin")
 	if err := d.build(); err != nil {

@@ -302,4 +302,3 @@ func mountOf(t *testing.T, c corev1.Container, volume string) string {
 	t.Fatalf("container %s has no mount of %s", c.Name, volume)
 	return ""
 }
-

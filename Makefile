@@ -43,8 +43,9 @@ e2e-kernel: ## run vfio-manager and discovery against a real kernel under QEMU
 	hack/install-test-deps.sh
 	$(GO) test -count=1 -run 'TestRealKernel' -v ./test/e2e/
 
-bench: ## run the benchmarks
-	$(GO) test -run '^$$' -bench . -benchmem $(PACKAGES)
+bench: ## measure the agents beside their references and write BENCHMARKS.md (under 10 minutes)
+	hack/install-test-deps.sh
+	$(GO) run ./test/e2e/cmd/bench --out BENCHMARKS.md
 
 lint: ## go vet, gofmt and staticcheck
 	$(GO) vet $(PACKAGES)

@@ -21,6 +21,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sys/unix"
 	"oras.land/oras-go/v2/content"
 	"oras.land/oras-go/v2/errdef"
 	"oras.land/oras-go/v2/registry"
@@ -502,7 +503,7 @@ func (p *puller) fetch(ctx context.Context, dir string, l ocispec.Descriptor) (e
 	w.report()
 	vr := content.NewVerifyReader(io.TeeReader(rc, w), l)
 	buf := make([]byte, 1<<20)
-	if _, err := io.CopyBuffer(f, vr, buf); err != nil {
+	if _, err := io.CopyBuffer(&writeBehind{f: f}, vr, buf); err != nil {
 		if cause := context.Cause(ctx); errors.Is(cause, ErrStalled) {
 			return cause
 		}
@@ -516,6 +517,28 @@ func (p *puller) fetch(ctx context.Context, dir string, l ocispec.Descriptor) (e
 		return err
 	}
 	return f.Close()
+}
+
+// writeBehind starts writing each few MiB to disk while the download goes
+// on, so that the fsync before the swap finds little left to do: the
+// durability costs no time at the end.
+type writeBehind struct {
+	f       *os.File
+	off     int64
+	flushed int64
+}
+
+const writeBehindChunk = 8 << 20
+
+func (w *writeBehind) Write(p []byte) (int, error) {
+	n, err := w.f.Write(p)
+	w.off += int64(n)
+	if w.off-w.flushed >= writeBehindChunk {
+		// Asynchronous: it queues the range for writeback and returns.
+		_ = unix.SyncFileRange(int(w.f.Fd()), w.flushed, w.off-w.flushed, unix.SYNC_FILE_RANGE_WRITE)
+		w.flushed = w.off
+	}
+	return n, err
 }
 
 // watch counts bytes for progress reports and for the stall guard.

@@ -11,6 +11,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"github.com/gpu-sandbox/gpu-sandbox/internal/faultinject"
 )
 
 // WriteFile replaces name with data. The bytes go to a temporary file in the
@@ -37,15 +39,18 @@ func WriteFile(name string, data []byte, perm fs.FileMode) (err error) {
 	if _, err = tmp.Write(data); err != nil {
 		return err
 	}
+	faultinject.Point("atomicfile: written " + name)
 	if err = tmp.Sync(); err != nil {
 		return err
 	}
 	if err = tmp.Close(); err != nil {
 		return err
 	}
+	faultinject.Point("atomicfile: synced " + name)
 	if err = os.Rename(tmp.Name(), name); err != nil {
 		return err
 	}
+	faultinject.Point("atomicfile: renamed " + name)
 	return syncDir(dir)
 }
 
@@ -66,6 +71,7 @@ func WriteFileIfChanged(name string, data []byte, perm fs.FileMode) (bool, error
 // Remove deletes name and syncs its directory. A file that is already gone is
 // not an error.
 func Remove(name string) error {
+	faultinject.Point("atomicfile: remove " + name)
 	if err := os.Remove(name); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil
@@ -103,4 +109,19 @@ func Sync(name string) error {
 		return fmt.Errorf("sync %q: %w", name, err)
 	}
 	return syncDir(filepath.Dir(name))
+}
+
+// RemoveTemps removes the temporary files that WriteFile calls for name left
+// behind when the process died before renaming them.
+func RemoveTemps(name string) error {
+	matches, err := filepath.Glob(filepath.Join(filepath.Dir(name), "."+filepath.Base(name)+".tmp-*"))
+	if err != nil {
+		return err
+	}
+	for _, m := range matches {
+		if err := os.Remove(m); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove stale %q: %w", m, err)
+		}
+	}
+	return nil
 }

@@ -298,7 +298,9 @@ func writeKataConfig(rc, dir, final string, files []artifacts.File) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", src, err)
 	}
-	_, err = atomicfile.WriteFileIfChanged(filepath.Join(dir, configName(rc)), out, 0o644)
+	target := filepath.Join(dir, configName(rc))
+	_ = atomicfile.RemoveTemps(target)
+	_, err = atomicfile.WriteFileIfChanged(target, out, 0o644)
 	return err
 }
 
@@ -460,6 +462,7 @@ func (a *agent) nextReconcile() time.Duration {
 
 func (a *agent) markReady() error {
 	pid := filepath.Join(a.artifactsDir(), PIDFile)
+	_ = atomicfile.RemoveTemps(pid)
 	if err := os.MkdirAll(a.artifactsDir(), 0o755); err != nil {
 		return err
 	}

@@ -30,6 +30,8 @@ import (
 	"oras.land/oras-go/v2/registry/remote/credentials"
 	"oras.land/oras-go/v2/registry/remote/errcode"
 	"oras.land/oras-go/v2/registry/remote/retry"
+
+	"github.com/gpu-sandbox/gpu-sandbox/internal/faultinject"
 )
 
 // Sentinel errors, wrapped with the reference and the object concerned.
@@ -329,6 +331,7 @@ func (p *puller) pull(ctx context.Context) (*Result, error) {
 			return nil, err
 		}
 		os.RemoveAll(final) // a version dir without metadata is debris
+		faultinject.Point("artifacts: staged " + final)
 		if err := os.Rename(staging, final); err != nil {
 			os.RemoveAll(staging)
 			return nil, err
@@ -513,6 +516,7 @@ func (p *puller) fetch(ctx context.Context, dir string, l ocispec.Descriptor) (e
 		return err
 	}
 	w.final()
+	faultinject.Point("artifacts: blob written " + name)
 	if err := f.Sync(); err != nil {
 		return err
 	}
@@ -642,6 +646,7 @@ func (p *puller) swap(final string) error {
 	if err := os.Symlink(rel, tmp); err != nil {
 		return err
 	}
+	faultinject.Point("artifacts: link made for " + p.dir)
 	if err := os.Rename(tmp, p.dir); err != nil {
 		os.Remove(tmp)
 		return err

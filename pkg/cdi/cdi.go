@@ -16,6 +16,7 @@ import (
 	specs "tags.cncf.io/container-device-interface/specs-go"
 
 	"github.com/gpu-sandbox/gpu-sandbox/internal/atomicfile"
+	"github.com/gpu-sandbox/gpu-sandbox/internal/faultinject"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
 )
 
@@ -174,6 +175,7 @@ func (w *Writer) Write(spec *specs.Spec) (bool, error) {
 	if err := w.cache.WriteSpec(spec, filepath.Base(path)); err != nil {
 		return false, fmt.Errorf("write CDI spec %s to %q: %w", spec.Kind, path, err)
 	}
+	faultinject.Point("cdi: renamed " + path)
 	if err := atomicfile.Sync(path); err != nil {
 		return true, fmt.Errorf("write CDI spec %s: %w", spec.Kind, err)
 	}

@@ -80,7 +80,16 @@ type change struct {
 	Previous string `json:"previous,omitempty"`
 }
 
-func (e *Editor) statePath() string  { return e.config + ".gpu-sandbox.json" }
+func (e *Editor) statePath() string { return e.config + ".gpu-sandbox.json" }
+
+// removeTemps clears what writes that died half-way left beside the files.
+func (e *Editor) removeTemps() {
+	for _, f := range []string{e.config, e.dropIn, e.statePath(), e.backupPath()} {
+		if f != "" {
+			_ = atomicfile.RemoveTemps(f)
+		}
+	}
+}
 func (e *Editor) backupPath() string { return e.config + ".gpu-sandbox.bak" }
 
 func (e *Editor) loadState() (*state, error) {
@@ -115,6 +124,7 @@ func digestOf(b []byte) string {
 // earlier Applies that are no longer wanted go. It reports whether a file
 // changed, which means containerd must be restarted to see it.
 func (e *Editor) Apply(s Settings) (bool, error) {
+	e.removeTemps()
 	cfg, err := Load(e.config)
 	if err != nil {
 		return false, err
@@ -357,6 +367,7 @@ func equalTrees(a, b []byte) bool {
 // Revert removes every setting Apply made and gives back the original
 // configuration. It reports whether a file changed.
 func (e *Editor) Revert() (bool, error) {
+	e.removeTemps()
 	st, err := e.loadState()
 	if err != nil || st == nil {
 		return false, err

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gpu-sandbox/gpu-sandbox/internal/faultinject"
 )
 
 // Defaults of a Manager.
@@ -160,6 +162,7 @@ func (m *Manager) Bind(ctx context.Context, p *Plan) (*Result, error) {
 	} else if n == 0 {
 		return nil, ErrNoIOMMU
 	}
+	m.state.clean()
 	aliasFile := filepath.Join(m.hostRoot, "lib", "modules", m.release, "modules.alias")
 	aliases, err := readVFIOAliases(aliasFile)
 	if err != nil {
@@ -191,6 +194,7 @@ func (m *Manager) Bind(ctx context.Context, p *Plan) (*Result, error) {
 // it and gives it to the driver recorded when it was bound, or leaves it
 // without a driver (with a warning) when no usable record exists.
 func (m *Manager) Unbind(ctx context.Context, p *Plan) *Result {
+	m.state.clean()
 	return m.eachGroup(p, func(g *Group) []Outcome {
 		out := make([]Outcome, 0, len(g.Members))
 		for _, mem := range g.Members {
@@ -301,6 +305,7 @@ func (m *Manager) bindDevice(ctx context.Context, d *Device, target string) erro
 	if err := m.state.save(rec); err != nil {
 		return fail("record previous driver", err)
 	}
+	faultinject.Point("vfio: recorded " + d.Address)
 	devDir := m.sysfs.DevicePath(d.Address)
 	if err := m.writeAttr(ctx, filepath.Join(devDir, "driver_override"), target); err != nil {
 		_ = m.state.remove(d.Address)
@@ -319,10 +324,12 @@ func (m *Manager) bindDevice(ctx context.Context, d *Device, target string) erro
 			return fail(fmt.Sprintf("unbind from %s", d.Driver), err)
 		}
 	}
+	faultinject.Point("vfio: unbound " + d.Address)
 	err := m.writeAttr(ctx, filepath.Join(m.sysfs.Root(), "bus", "pci", "drivers_probe"), d.Address)
 	if err == nil {
 		err = m.waitDriver(ctx, d.Address, target)
 	}
+	faultinject.Point("vfio: probed " + d.Address)
 	if err != nil {
 		return fail("probe", err)
 	}

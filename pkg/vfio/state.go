@@ -32,6 +32,14 @@ func (s stateStore) path(address string) string {
 	return filepath.Join(s.dir, address+".json")
 }
 
+// clean removes what a write that died half-way left in the directory.
+func (s stateStore) clean() {
+	matches, _ := filepath.Glob(filepath.Join(s.dir, ".*.json.tmp-*"))
+	for _, m := range matches {
+		os.Remove(m)
+	}
+}
+
 func (s stateStore) save(r record) error {
 	b, err := json.Marshal(r)
 	if err != nil {

@@ -12,7 +12,7 @@ GOFLAGS_BIN := -trimpath -ldflags '$(LDFLAGS)'
 # Every package of both modules of the workspace.
 PACKAGES    := ./... ./test/e2e/...
 
-.PHONY: all build test unit e2e e2e-kernel bench lint demo images images-local clean help
+.PHONY: all build test unit e2e e2e-kernel fuzz bench lint demo images images-local clean help
 
 all: build
 
@@ -42,6 +42,16 @@ e2e: ## run the end-to-end tests only
 e2e-kernel: ## run vfio-manager and discovery against a real kernel under QEMU
 	hack/install-test-deps.sh
 	$(GO) test -count=1 -run 'TestRealKernel' -v ./test/e2e/
+
+FUZZTIME ?= 10s
+FUZZ_TARGETS := FuzzParseConfig:./internal/katamanager FuzzModelName:./internal/sandboxplugin \
+	FuzzParseReference:./pkg/artifacts FuzzApplyRevert:./pkg/containerd FuzzRewrite:./pkg/kata \
+	FuzzDeviceAttributes:./pkg/vfio FuzzSpec:./pkg/cdi
+
+fuzz: ## run every fuzz target for FUZZTIME each (seed corpora in testdata/fuzz run in make test too)
+	for t in $(FUZZ_TARGETS); do \
+		$(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime $(FUZZTIME) $${t#*:} || exit 1; \
+	done
 
 bench: ## measure the agents beside their references and write BENCHMARKS.md (under 10 minutes)
 	hack/install-test-deps.sh

@@ -78,6 +78,9 @@ type change struct {
 	// Previous is the replaced value as a TOML document "v = ...", so that
 	// integers and tables come back with their TOML types.
 	Previous string `json:"previous,omitempty"`
+	// Created is how many of the tables leading to the key did not exist
+	// (the innermost ones): they go again when empty.
+	Created int `json:"created,omitempty"`
 }
 
 func (e *Editor) statePath() string { return e.config + ".gpu-sandbox.json" }
@@ -281,6 +284,9 @@ func (e *Editor) applyInPlace(cfg *Config, st *state, s Settings) (bool, error) 
 	set := func(path []string, v any) {
 		if !slices.ContainsFunc(st.Added, func(c change) bool { return slices.Equal(c.Path, path) }) {
 			c := change{Path: path}
+			for i := len(path) - 1; i > 0 && lookup(tree, path[:i]...) == nil; i-- {
+				c.Created++
+			}
 			if prev := lookup(tree, path...); prev != nil {
 				b, _ := toml.Marshal(map[string]any{"v": prev})
 				c.Existed, c.Previous = true, string(b)
@@ -352,8 +358,15 @@ func restore(tree map[string]any, c change) {
 	var prev map[string]any
 	if c.Existed && toml.Unmarshal([]byte(c.Previous), &prev) == nil {
 		parent[c.Path[len(c.Path)-1]] = prev["v"]
-	} else {
-		delete(parent, c.Path[len(c.Path)-1])
+		return
+	}
+	delete(parent, c.Path[len(c.Path)-1])
+	for i := len(c.Path) - 1; i > len(c.Path)-1-c.Created; i-- {
+		t, ok := lookup(tree, c.Path[:i]...).(map[string]any)
+		if !ok || len(t) > 0 {
+			return
+		}
+		delete(lookup(tree, c.Path[:i-1]...).(map[string]any), c.Path[i-1])
 	}
 }
 

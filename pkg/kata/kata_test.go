@@ -2,6 +2,7 @@ package kata_test
 
 import (
 	"errors"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -86,3 +87,5 @@ func TestConfigFor(t *testing.T) {
 		}
 	}
 }
+
+var assetKey = regexp.MustCompile(`^\s*(kernel|image|initrd)\s*=`)

@@ -282,6 +282,11 @@ func (p *puller) pull(ctx context.Context) (*Result, error) {
 	if err := os.MkdirAll(p.versions, 0o755); err != nil {
 		return nil, err
 	}
+	// Everything is written below the versions directory: a link planted
+	// there would carry the writes out of the artifacts directory.
+	if fi, err := os.Lstat(p.versions); err != nil || !fi.IsDir() {
+		return nil, fmt.Errorf("%w: %q is not a directory (a symbolic link?)", ErrUnsafeTitle, p.versions)
+	}
 	p.clean()
 
 	// One request: what does the reference name now?

@@ -162,17 +162,22 @@ func TestWriterWritesOnlyChangesAndInjects(t *testing.T) {
 
 func TestWriterRefusesInvalidSpec(t *testing.T) {
 	_, devices := boundNode(t, vfiotest.A10WithAudio())
-	root := t.TempDir()
+	parent := t.TempDir()
+	root := filepath.Join(parent, "cdi")
 	w, _ := cdi.NewWriter(root)
-	spec, err := cdi.NewSpec("nvidia.com/bad name", devices, cdi.SpecOptions{})
-	if err != nil {
-		t.Fatal(err)
+	for _, kind := range []string{"nvidia.com/bad name", "nvidia.com/../../etc", "../../x/y", "nvidia.com/"} {
+		spec, err := cdi.NewSpec(kind, devices, cdi.SpecOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := w.Write(spec); err == nil {
+			t.Errorf("kind %q was written", kind)
+		}
 	}
-	if _, err := w.Write(spec); err == nil {
-		t.Fatal("a kind with a space was written")
-	}
-	if entries, _ := os.ReadDir(root); len(entries) != 0 {
-		t.Errorf("files left behind: %v", entries)
+	entries, _ := os.ReadDir(parent)
+	inside, _ := os.ReadDir(root)
+	if len(entries) > 1 || len(inside) != 0 {
+		t.Errorf("files left behind: %v %v", entries, inside)
 	}
 }
 

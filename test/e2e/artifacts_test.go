@@ -161,9 +161,18 @@ func TestPullRetriesServerErrors(t *testing.T) {
 // Faults during a pull leave the previous artifact in place and no debris,
 // and the error names the reference and the cause.
 func TestPullFaultsKeepPreviousContent(t *testing.T) {
-	reg := testbed.StartRegistry(t, "", "")
-	proxy := startFaultProxy(t, reg.Host)
-	repo := testbed.Repository(t, reg.Host, "kata", "", "")
+	t.Run("distribution v3 in process", func(t *testing.T) {
+		pullFaults(t, testbed.StartRegistry(t, "", "").Host)
+	})
+	t.Run("Debian's docker-registry", func(t *testing.T) {
+		pullFaults(t, startDockerRegistry(t).Host)
+	})
+}
+
+// pullFaults puts a fault-injecting proxy in front of the registry at host.
+func pullFaults(t *testing.T, host string) {
+	proxy := startFaultProxy(t, host)
+	repo := testbed.Repository(t, host, "kata", "", "")
 	v1 := testbed.KataArtifact(5, 1<<20)
 	testbed.PushArtifact(t, repo, "v", v1)
 	dir := filepath.Join(t.TempDir(), "rc")
@@ -183,6 +192,8 @@ func TestPullFaultsKeepPreviousContent(t *testing.T) {
 		{"connection reset mid-blob, every time", func(p *faultProxy) { p.cutBlobs = 100 }, nil, "blob"},
 		{"500 storm", func(p *faultProxy) { p.failNext = 1000 }, nil, "500"},
 		{"stall", func(p *faultProxy) { p.stall = true }, func(o *artifacts.Options) { o.StallTimeout = 200 * time.Millisecond }, "stalled"},
+		{"truncated manifest", func(p *faultProxy) { p.manifest = "truncate" }, nil, "manifest"},
+		{"oversized manifest", func(p *faultProxy) { p.manifest = "oversize" }, nil, "manifest"},
 		{"registry unreachable", nil, nil, "connect"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -191,7 +202,7 @@ func TestPullFaultsKeepPreviousContent(t *testing.T) {
 				ref = "127.0.0.1:1/kata:v"
 			} else {
 				proxy.set(tc.fault)
-				defer proxy.set(func(p *faultProxy) { p.corrupt, p.cutBlobs, p.failNext, p.stall = false, 0, 0, false })
+				defer proxy.set(func(p *faultProxy) { p.corrupt, p.cutBlobs, p.failNext, p.stall, p.manifest = false, 0, 0, false, "" })
 			}
 			opts := plain()
 			if tc.opts != nil {

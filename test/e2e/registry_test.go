@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -54,10 +55,11 @@ type faultProxy struct {
 	upstream *url.URL
 
 	mu        sync.Mutex
-	failNext  int  // answer this many requests with 500
-	corrupt   bool // flip a byte in every blob body
-	cutBlobs  int  // drop the connection half-way through this many blob bodies
-	stall     bool // send blob headers, then nothing
+	failNext  int    // answer this many requests with 500
+	corrupt   bool   // flip a byte in every blob body
+	cutBlobs  int    // drop the connection half-way through this many blob bodies
+	stall     bool   // send blob headers, then nothing
+	manifest  string // "truncate" or "oversize" every manifest body
 	manifests atomic.Int64
 	blobs     atomic.Int64
 	requests  atomic.Int64
@@ -104,7 +106,7 @@ func (p *faultProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if fail {
 		p.failNext--
 	}
-	corrupt, stall := p.corrupt, p.stall
+	corrupt, stall, manifest := p.corrupt, p.stall, p.manifest
 	cut := isBlob && p.cutBlobs > 0
 	if cut {
 		p.cutBlobs--
@@ -128,6 +130,15 @@ func (p *faultProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		for _, v := range vs {
 			w.Header().Add(k, v)
 		}
+	}
+	if strings.Contains(r.URL.Path, "/manifests/") && r.Method == http.MethodGet && resp.StatusCode == http.StatusOK {
+		switch manifest {
+		case "truncate":
+			body = body[:len(body)/2]
+		case "oversize": // 5 MiB of trailing white space: still JSON, far past any manifest
+			body = append(bytes.Clone(body), bytes.Repeat([]byte(" "), 5<<20)...)
+		}
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 	}
 	if isBlob && resp.StatusCode == http.StatusOK {
 		switch {

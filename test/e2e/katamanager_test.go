@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -341,4 +342,72 @@ func (l *lockedBuffer) String() string {
 // containerdReady waits for the supervised containerd to answer again.
 func containerdReady(socket string) error {
 	return containerd.NewRestarter(containerd.RestartNone, socket, "/", 30*time.Second).WaitReady(context.Background())
+}
+
+// The daemon repairs drift: a drop-in someone removed, an import someone
+// took out. It is ready on /readyz once set up, and --remove-artifacts
+// takes the artifacts on the way out.
+func TestKataManagerDaemonRepairsDrift(t *testing.T) {
+	reg := testbed.StartRegistry(t, "", "")
+	ref := reg.Host + "/nvidia/kata-gpu-artifacts:v1"
+	testbed.PushArtifact(t, testbed.Repository(t, reg.Host, "nvidia/kata-gpu-artifacts", "", ""), "v1", testbed.KataArtifact(70, 4096))
+	n := newKataNode(t, classConfig("kata-qemu-nvidia-gpu", ref))
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	cmd := exec.Command(filepath.Join(binDir, "kata-manager"), n.args("--health-address", addr,
+		"--reconcile-interval", "1h", "--remove-artifacts")...)
+	cmd.Env = cleanEnv()
+	var logs lockedBuffer
+	cmd.Stderr = &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+		if t.Failed() {
+			t.Logf("kata-manager:\n%s", logs.String())
+		}
+	}()
+	eventually := func(what string, cond func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(20 * time.Second)
+		for !cond() {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: not within 20s", what)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	readyz := func() int {
+		resp, err := http.Get("http://" + addr + "/readyz")
+		if err != nil {
+			return 0
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	eventually("ready", func() bool { return readyz() == http.StatusOK })
+	exists := func(p string) bool { _, err := os.Stat(p); return err == nil }
+
+	os.Remove(n.dropIn)
+	eventually("drop-in written again", func() bool { return exists(n.dropIn) })
+
+	os.WriteFile(n.main, n.original, 0o644) // someone restores an old copy
+	eventually("import added again", func() bool {
+		b, _ := os.ReadFile(n.main)
+		return strings.Contains(string(b), n.dropIn)
+	})
+
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(n.main); string(b) != string(n.original) {
+		t.Errorf("containerd config not given back:\n%s", b)
+	}
+	if exists(filepath.Join(n.artifacts, "kata-qemu-nvidia-gpu")) || exists(filepath.Join(n.artifacts, ".kata-qemu-nvidia-gpu.versions")) {
+		t.Error("artifacts left despite --remove-artifacts")
+	}
 }

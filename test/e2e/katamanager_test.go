@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net/http"
@@ -10,7 +9,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -207,7 +205,7 @@ func TestKataManagerDaemonRestartsContainerdAndCleansUp(t *testing.T) {
 	args := n.args("--restart-mode", "signal", "--log-format", "json")
 	cmd := exec.Command(filepath.Join(binDir, "kata-manager"), args...)
 	cmd.Env = cleanEnv()
-	var logs lockedBuffer
+	var logs testbed.Output
 	cmd.Stderr = &logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -321,24 +319,6 @@ func TestKataManagerBadInput(t *testing.T) {
 	})
 }
 
-// lockedBuffer collects a process's output while the test reads it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // containerdReady waits for the supervised containerd to answer again.
 func containerdReady(socket string) error {
 	return containerd.NewRestarter(containerd.RestartNone, socket, "/", 30*time.Second).WaitReady(context.Background())
@@ -356,7 +336,7 @@ func TestKataManagerDaemonRepairsDrift(t *testing.T) {
 	cmd := exec.Command(filepath.Join(binDir, "kata-manager"), n.args("--health-address", addr,
 		"--reconcile-interval", "1h", "--remove-artifacts")...)
 	cmd.Env = cleanEnv()
-	var logs lockedBuffer
+	var logs testbed.Output
 	cmd.Stderr = &logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

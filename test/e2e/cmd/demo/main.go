@@ -18,7 +18,6 @@ import (
 	"runtime"
 	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -274,8 +273,8 @@ func (d *demo) show(name string, args ...string) error {
 }
 
 // startAgent starts a daemon agent, collecting its log.
-func (d *demo) startAgent(name string, args ...string) (*exec.Cmd, *lockedBuffer, error) {
-	log := &lockedBuffer{}
+func (d *demo) startAgent(name string, args ...string) (*exec.Cmd, *testbed.Output, error) {
+	log := &testbed.Output{}
 	cmd := exec.Command(filepath.Join(d.bin, name), args...)
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
@@ -332,7 +331,7 @@ var (
 	fieldRE = regexp.MustCompile(`(digest|path|pidFile)=\S+`)
 )
 
-func lastLine(b *lockedBuffer) string {
+func lastLine(b *testbed.Output) string {
 	lines := strings.Split(strings.TrimSpace(b.String()), "\n")
 	return logMsg(lines[len(lines)-1])
 }
@@ -356,22 +355,4 @@ func printRuntime(path, name string) {
 			say("  %s", line)
 		}
 	}
-}
-
-// lockedBuffer collects an agent's output while the demo reads it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }

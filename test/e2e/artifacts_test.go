@@ -165,7 +165,7 @@ func TestPullFaultsKeepPreviousContent(t *testing.T) {
 		pullFaults(t, testbed.StartRegistry(t, "", "").Host)
 	})
 	t.Run("Debian's docker-registry", func(t *testing.T) {
-		pullFaults(t, startDockerRegistry(t).Host)
+		pullFaults(t, testbed.StartDockerRegistry(t).Host)
 	})
 }
 

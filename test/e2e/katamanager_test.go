@@ -22,7 +22,7 @@ import (
 )
 
 func TestKataManagerPull(t *testing.T) {
-	reg := startDockerRegistry(t)
+	reg := testbed.StartDockerRegistry(t)
 	files := testbed.KataArtifact(20, 4<<20)
 	ref := reg.Host + "/nvidia/cloud-native/kata-gpu-artifacts:ubuntu22.04-535"
 	orasPush(t, ref, files)
@@ -45,12 +45,12 @@ func TestKataManagerPull(t *testing.T) {
 		t.Errorf("no progress line for the kernel:\n%s", r.stderr)
 	}
 
-	before := reg.blobGets()
+	before := reg.BlobGets()
 	r = run(t, "kata-manager", nil, "pull", ref, dir, "--plain-http") // flags after the arguments too
 	if r.code != 0 || !strings.Contains(r.stdout, "unchanged") {
 		t.Fatalf("second pull: %s", r)
 	}
-	if n := reg.blobGets() - before; n != 0 {
+	if n := reg.BlobGets() - before; n != 0 {
 		t.Errorf("unchanged pull fetched %d blobs", n)
 	}
 
@@ -126,7 +126,7 @@ func classConfig(classes ...string) string {
 }
 
 func TestKataManagerOnceAndContainerd(t *testing.T) {
-	reg := startDockerRegistry(t)
+	reg := testbed.StartDockerRegistry(t)
 	ref := reg.Host + "/nvidia/kata-gpu-artifacts:v1"
 	files := testbed.KataArtifact(21, 2<<20)
 	orasPush(t, ref, files)
@@ -196,7 +196,7 @@ func TestKataManagerOnceAndContainerd(t *testing.T) {
 }
 
 func TestKataManagerDaemonRestartsContainerdAndCleansUp(t *testing.T) {
-	reg := startDockerRegistry(t)
+	reg := testbed.StartDockerRegistry(t)
 	ref := reg.Host + "/nvidia/kata-gpu-artifacts:v1"
 	orasPush(t, ref, testbed.KataArtifact(22, 1<<20))
 	n := newKataNode(t, classConfig("kata-qemu-nvidia-gpu", ref))
@@ -259,7 +259,7 @@ func TestKataManagerDaemonRestartsContainerdAndCleansUp(t *testing.T) {
 }
 
 func TestKataManagerBadInput(t *testing.T) {
-	reg := startDockerRegistry(t)
+	reg := testbed.StartDockerRegistry(t)
 	good := reg.Host + "/nvidia/kata-gpu-artifacts:v1"
 	orasPush(t, good, testbed.KataArtifact(23, 4096))
 	noConfig := reg.Host + "/nvidia/no-config:v1"

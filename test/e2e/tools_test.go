@@ -1,18 +1,12 @@
 package e2e
 
 import (
-	"bytes"
 	"encoding/json"
-	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
-	"sync"
 	"testing"
-	"time"
 
 	"github.com/gpu-sandbox/gpu-sandbox/test/e2e/testbed"
 )
@@ -36,67 +30,6 @@ func freePort(t testing.TB) int {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
-}
-
-// dockerRegistry is Debian's docker-registry (distribution 2.8) on loopback.
-type dockerRegistry struct {
-	Host string
-	log  *bytes.Buffer
-	mu   *sync.Mutex
-}
-
-func startDockerRegistry(t testing.TB) *dockerRegistry {
-	t.Helper()
-	dir := t.TempDir()
-	host := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	cfg := filepath.Join(dir, "config.yml")
-	os.WriteFile(cfg, []byte(fmt.Sprintf(`version: 0.1
-log:
-  level: info
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: %s
-  delete:
-    enabled: true
-http:
-  addr: %s
-`, filepath.Join(dir, "data"), host)), 0o644)
-	r := &dockerRegistry{Host: host, log: &bytes.Buffer{}, mu: &sync.Mutex{}}
-	cmd := exec.Command(testbed.Program(t, "docker-registry"), "serve", cfg)
-	cmd.Stdout = testbed.LockedWriter{Mu: r.mu, W: r.log}
-	cmd.Stderr = testbed.LockedWriter{Mu: r.mu, W: r.log}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	waitHTTP(t, "http://"+host+"/v2/")
-	return r
-}
-
-var blobGet = regexp.MustCompile(`"GET /v2/[^" ]*/blobs/sha256:`)
-
-// blobGets counts the blob downloads in the registry's access log so far.
-func (r *dockerRegistry) blobGets() int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return len(blobGet.FindAllString(r.log.String(), -1))
-}
-
-func waitHTTP(t testing.TB, url string) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if resp, err := http.Get(url); err == nil {
-			resp.Body.Close()
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s did not answer within 10s", url)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 // orasPush pushes files with the oras CLI as users do: each layer titled

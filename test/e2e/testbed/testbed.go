@@ -163,19 +163,6 @@ func Program(t T, name string) string {
 	return path
 }
 
-// LockedWriter appends to a buffer under a mutex, for output that a test
-// reads while the process writes.
-type LockedWriter struct {
-	Mu *sync.Mutex
-	W  *bytes.Buffer
-}
-
-func (l LockedWriter) Write(p []byte) (int, error) {
-	l.Mu.Lock()
-	defer l.Mu.Unlock()
-	return l.W.Write(p)
-}
-
 // Containerd is Debian's containerd run by the test, restarted when it
 // exits (as systemd would), so that kata-manager's signal restart works.
 type Containerd struct {
@@ -184,7 +171,7 @@ type Containerd struct {
 	mu     sync.Mutex
 	cmd    *exec.Cmd
 	exited chan struct{} // closed when cmd has been waited for
-	log    *bytes.Buffer
+	log    Output
 	stop   bool
 	starts int
 }
@@ -214,7 +201,7 @@ state = "%[1]s/state"
 
 func StartContainerd(t T, config, socket string) *Containerd {
 	t.Helper()
-	c := &Containerd{Config: config, Socket: socket, log: &bytes.Buffer{}}
+	c := &Containerd{Config: config, Socket: socket}
 	c.start(t)
 	t.Cleanup(func() {
 		c.mu.Lock()
@@ -252,8 +239,7 @@ func StartContainerd(t T, config, socket string) *Containerd {
 // when it exits, unless the test is over.
 func (c *Containerd) start(t T) {
 	cmd := exec.Command(Program(t, "containerd"), "--config", c.Config)
-	cmd.Stdout = LockedWriter{&c.mu, c.log}
-	cmd.Stderr = LockedWriter{&c.mu, c.log}
+	cmd.Stdout, cmd.Stderr = &c.log, &c.log
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -274,11 +260,7 @@ func (c *Containerd) start(t T) {
 	}()
 }
 
-func (c *Containerd) logs() string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.log.String()
-}
+func (c *Containerd) logs() string { return c.log.String() }
 
 func (c *Containerd) Starts() int {
 	c.mu.Lock()

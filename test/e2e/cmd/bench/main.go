@@ -6,7 +6,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"flag"
@@ -153,9 +152,9 @@ func ms(d time.Duration) string { return fmt.Sprintf("%.0f ms", float64(d)/1e6) 
 // with the oras CLI and with a raw loopback copy of the same bytes, then
 // measures a warm pull and counts its blob requests.
 func (b *bench) pulls() {
-	reg := b.startDockerRegistry()
+	reg := testbed.StartDockerRegistry(b)
 	files := testbed.KataArtifact(40, 100<<20) // two 100 MiB layers and a small configuration
-	ref := reg.host + "/nvidia/kata-gpu-artifacts:bench"
+	ref := reg.Host + "/nvidia/kata-gpu-artifacts:bench"
 	b.orasPush(ref, files)
 	oras := filepath.Join(b.root, ".cache", "bin", "oras")
 
@@ -180,7 +179,7 @@ func (b *bench) pulls() {
 	urls := map[string]string{}
 	for name, data := range files {
 		sum := sha256.Sum256(data)
-		urls[name] = fmt.Sprintf("http://%s/v2/nvidia/kata-gpu-artifacts/blobs/sha256:%s", reg.host, hex.EncodeToString(sum[:]))
+		urls[name] = fmt.Sprintf("http://%s/v2/nvidia/kata-gpu-artifacts/blobs/sha256:%s", reg.Host, hex.EncodeToString(sum[:]))
 	}
 	rawCopy := func(synced bool) time.Duration {
 		dir := b.TempDir()
@@ -230,13 +229,13 @@ func (b *bench) pulls() {
 
 	dir := filepath.Join(b.TempDir(), "rc")
 	b.run1("kata-manager", "pull", "--plain-http", ref, dir)
-	before := reg.blobGets()
+	before := reg.BlobGets()
 	warm := median(5, func() time.Duration {
 		start := time.Now()
 		b.run1("kata-manager", "pull", "--plain-http", ref, dir)
 		return time.Since(start)
 	})
-	blobs := reg.blobGets() - before
+	blobs := reg.BlobGets() - before
 	b.add(row{"warm pull of the unchanged artifact (whole process)", fmt.Sprintf("%s, %d blob requests", ms(warm), blobs),
 		ms(ours) + " (cold pull)", fmt.Sprintf("%.2fx", float64(warm)/float64(ours)), "< 50 ms, 0 blob requests",
 		"kata-manager pull --plain-http REF DIR, twice"})
@@ -249,46 +248,6 @@ func (b *bench) run1(name string, args ...string) string {
 		b.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
 	}
 	return string(out)
-}
-
-type registry struct {
-	host string
-	log  *bytes.Buffer
-	mu   *sync.Mutex
-}
-
-var blobGet = regexp.MustCompile(`"GET /v2/[^" ]*/blobs/sha256:`)
-
-func (r *registry) blobGets() int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return len(blobGet.FindAllString(r.log.String(), -1))
-}
-
-func (b *bench) startDockerRegistry() *registry {
-	dir := b.TempDir()
-	port := freePort()
-	r := &registry{host: fmt.Sprintf("127.0.0.1:%d", port), log: &bytes.Buffer{}, mu: &sync.Mutex{}}
-	cfg := filepath.Join(dir, "config.yml")
-	os.WriteFile(cfg, []byte(fmt.Sprintf("version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: %s\n", filepath.Join(dir, "data"), r.host)), 0o644)
-	cmd := exec.Command(testbed.Program(b, "docker-registry"), "serve", cfg)
-	cmd.Stdout = testbed.LockedWriter{Mu: r.mu, W: r.log}
-	cmd.Stderr = testbed.LockedWriter{Mu: r.mu, W: r.log}
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	for i := 0; ; i++ {
-		if resp, err := http.Get("http://" + r.host + "/v2/"); err == nil {
-			resp.Body.Close()
-			break
-		}
-		if i > 1000 {
-			b.Fatal("docker-registry did not start")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return r
 }
 
 func freePort() int {
@@ -319,8 +278,8 @@ func (b *bench) orasPush(ref string, files testbed.Files) {
 // already pulled: one manifest request, the Kata config check, the
 // containerd configuration written.
 func (b *bench) kataManagerStart() {
-	reg := b.startDockerRegistry()
-	ref := reg.host + "/nvidia/kata-gpu-artifacts:v1"
+	reg := testbed.StartDockerRegistry(b)
+	ref := reg.Host + "/nvidia/kata-gpu-artifacts:v1"
 	b.orasPush(ref, testbed.KataArtifact(41, 1<<20))
 	dir := b.TempDir()
 	config := filepath.Join(dir, "config.yaml")
@@ -446,8 +405,8 @@ func (b *bench) idleRSS() {
 		return exec.Command(filepath.Join(b.bin, "vfio-manager"), "run", "--ready-file", ready, "--sysfs-root", tree.SysfsRoot,
 			"--dev-root", tree.DevRoot, "--host-root", tree.HostRoot, "--state-dir", b.TempDir(), "--load-modules=false")
 	}, func() { waitFile(b, ready) })
-	reg := b.startDockerRegistry()
-	refA := reg.host + "/kata:v1"
+	reg := testbed.StartDockerRegistry(b)
+	refA := reg.Host + "/kata:v1"
 	b.orasPush(refA, testbed.KataArtifact(42, 1<<20))
 	config := filepath.Join(dir, "km.yaml")
 	artifacts := filepath.Join(dir, "artifacts")

@@ -35,6 +35,10 @@ const (
 	DefaultReconcileInterval = 5 * time.Minute
 	DefaultRestartTimeout    = time.Minute
 	PIDFile                  = "k8s-kata-manager.pid"
+
+	// restartRetryInterval bounds the wait before a failed containerd
+	// restart is tried again: the node runs no pods while it is down.
+	restartRetryInterval = 10 * time.Second
 )
 
 // Annotations Kata runtimes accept from pods and containers.
@@ -184,6 +188,13 @@ func (a *agent) reconcile(ctx context.Context) error {
 	if changed || a.restartPending {
 		// A restart that failed is tried again on the next reconcile.
 		restarted, err := a.restarter.Restart(ctx)
+		if err == nil && !restarted && a.restartPending {
+			// No containerd to restart: it went down in the restart that
+			// failed. It reads the configuration when it starts; until it
+			// answers, the failure stands.
+			err = a.restarter.WaitReady(ctx)
+			restarted = err == nil
+		}
 		a.restartPending = err != nil
 		if err != nil {
 			errs = append(errs, err)
@@ -454,6 +465,9 @@ func (a *agent) run(ctx context.Context) error {
 // nextReconcile is the periodic interval, or sooner for a class to retry.
 func (a *agent) nextReconcile() time.Duration {
 	next := a.cfg.ReconcileInterval
+	if a.restartPending {
+		next = min(next, restartRetryInterval)
+	}
 	for _, at := range a.retryAt {
 		next = min(next, max(time.Until(at), time.Second))
 	}

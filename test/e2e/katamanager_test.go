@@ -258,6 +258,55 @@ func TestKataManagerDaemonRestartsContainerdAndCleansUp(t *testing.T) {
 	}
 }
 
+// containerd that does not come back after the restart: the daemon reports
+// it, stays unready and keeps checking; once containerd answers (with the
+// configuration written before) the daemon is ready without another restart.
+func TestKataManagerContainerdNotAnswering(t *testing.T) {
+	reg := testbed.StartRegistry(t, "", "")
+	ref := reg.Host + "/nvidia/kata-gpu-artifacts:v1"
+	testbed.PushArtifact(t, testbed.Repository(t, reg.Host, "nvidia/kata-gpu-artifacts", "", ""), "v1", testbed.KataArtifact(23, 4096))
+	n := newKataNode(t, classConfig("kata-qemu-nvidia-gpu", ref))
+	ctd := testbed.StartContainerd(t, n.main, n.socket())
+	ctd.Hold() // its supervisor will not start it again after the SIGHUP
+
+	cmd := exec.Command(filepath.Join(binDir, "kata-manager"), n.args("--restart-mode", "signal",
+		"--restart-timeout", "200ms", "--reconcile-interval", "50ms", "--log-format", "json")...)
+	cmd.Env = cleanEnv()
+	var logs testbed.Output
+	cmd.Stderr = &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("kata-manager:\n%s", logs.String())
+		}
+	}()
+	notAnswering := func() int { // JSON escapes the quotes around the path
+		return strings.Count(logs.String(), `containerd is not answering on \"`+n.socket()+`\"`)
+	}
+	eventually(t, "not answering reported twice", func() bool { return notAnswering() >= 2 })
+	pid := filepath.Join(n.artifacts, "k8s-kata-manager.pid")
+	if _, err := os.Stat(pid); err == nil {
+		t.Error("ready while containerd does not answer")
+	}
+	starts := ctd.Starts()
+
+	ctd.Release(t)
+	eventually(t, "ready once containerd answers", func() bool { _, err := os.Stat(pid); return err == nil })
+	if runtimes := criRuntimes(t, ctd.Socket); runtimes["kata-qemu-nvidia-gpu"] == nil {
+		t.Errorf("containerd came back without the runtime: %v", runtimes)
+	}
+	if got := ctd.Starts(); got != starts+1 {
+		t.Errorf("containerd started %d times after it came back, want once (no second restart)", got-starts)
+	}
+	if !strings.Contains(logs.String(), "containerd restarted and answering") {
+		t.Error("recovery not logged")
+	}
+}
+
 func TestKataManagerBadInput(t *testing.T) {
 	reg := testbed.StartDockerRegistry(t)
 	good := reg.Host + "/nvidia/kata-gpu-artifacts:v1"
@@ -320,6 +369,18 @@ func TestKataManagerBadInput(t *testing.T) {
 }
 
 // containerdReady waits for the supervised containerd to answer again.
+// eventually polls cond until it holds, failing the test after 20s.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within 20s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 func containerdReady(socket string) error {
 	return containerd.NewRestarter(containerd.RestartNone, socket, "/", 30*time.Second).WaitReady(context.Background())
 }
@@ -350,16 +411,6 @@ func TestKataManagerDaemonRepairsDrift(t *testing.T) {
 			t.Logf("kata-manager:\n%s", logs.String())
 		}
 	}()
-	eventually := func(what string, cond func() bool) {
-		t.Helper()
-		deadline := time.Now().Add(20 * time.Second)
-		for !cond() {
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: not within 20s", what)
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	}
 	readyz := func() int {
 		resp, err := http.Get("http://" + addr + "/readyz")
 		if err != nil {
@@ -368,14 +419,14 @@ func TestKataManagerDaemonRepairsDrift(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode
 	}
-	eventually("ready", func() bool { return readyz() == http.StatusOK })
+	eventually(t, "ready", func() bool { return readyz() == http.StatusOK })
 	exists := func(p string) bool { _, err := os.Stat(p); return err == nil }
 
 	os.Remove(n.dropIn)
-	eventually("drop-in written again", func() bool { return exists(n.dropIn) })
+	eventually(t, "drop-in written again", func() bool { return exists(n.dropIn) })
 
 	os.WriteFile(n.main, n.original, 0o644) // someone restores an old copy
-	eventually("import added again", func() bool {
+	eventually(t, "import added again", func() bool {
 		b, _ := os.ReadFile(n.main)
 		return strings.Contains(string(b), n.dropIn)
 	})

@@ -173,6 +173,8 @@ type Containerd struct {
 	exited chan struct{} // closed when cmd has been waited for
 	log    Output
 	stop   bool
+	held   bool // exits are not followed by a start until Release
+	down   bool // exited while held
 	starts int
 }
 
@@ -251,13 +253,33 @@ func (c *Containerd) start(t T) {
 	go func() {
 		cmd.Wait()
 		c.mu.Lock()
-		stop := c.stop
+		stop, held := c.stop, c.held
+		c.down = held && !stop
 		c.mu.Unlock()
-		if !stop {
+		if !stop && !held {
 			c.start(t)
 		}
 		close(exited)
 	}()
+}
+
+// Hold keeps containerd down after its next exit, as a supervisor that
+// gave up or a node under pressure would, until Release.
+func (c *Containerd) Hold() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.held = true
+}
+
+// Release ends Hold and starts containerd if it exited meanwhile.
+func (c *Containerd) Release(t T) {
+	c.mu.Lock()
+	down := c.down
+	c.held, c.down = false, false
+	c.mu.Unlock()
+	if down {
+		c.start(t)
+	}
 }
 
 func (c *Containerd) logs() string { return c.log.String() }

@@ -392,11 +392,13 @@ func (e *Editor) Revert() (bool, error) {
 	changed := false
 	switch st.Route {
 	case "drop-in":
-		if err := atomicfile.Remove(st.DropIn); err != nil {
+		// The import goes first: containerd refuses a configuration whose
+		// imported file is missing, so the drop-in may only go after it.
+		if err := e.restoreMain(st, raw, func() ([]byte, error) { return removeImport(raw, st.DropIn), nil }); err != nil {
 			return false, err
 		}
 		changed = true
-		if err := e.restoreMain(st, raw, func() ([]byte, error) { return removeImport(raw, st.DropIn), nil }); err != nil {
+		if err := atomicfile.Remove(st.DropIn); err != nil {
 			return changed, err
 		}
 	case "in-place":

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/artifacts"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio/vfiotest"
@@ -145,27 +147,99 @@ func saveNode(t *testing.T, n *katanode) string {
 	return to
 }
 
+// agentLife runs kata-manager once on the node; with point > 0 the
+// faultinject build dies at that kill point. It reports whether it died.
+type agentLife func(t *testing.T, point int) bool
+
+// onceRun is the life of kata-manager --once.
+func onceRun(bin string, args []string) agentLife {
+	return func(t *testing.T, point int) bool {
+		t.Helper()
+		if point > 0 {
+			return killedAt(t, point, bin, args...)
+		}
+		if r := run(t, "kata-manager", nil, args...); r.code != 0 {
+			t.Fatalf("run: %s", r)
+		}
+		return false
+	}
+}
+
+// daemonRun is the life of the daemon: started, ready on /readyz,
+// then SIGTERM and its cleanup, as a pod that is deleted.
+func daemonRun(bin string, args []string) agentLife {
+	return func(t *testing.T, point int) bool {
+		t.Helper()
+		cmd := exec.Command(filepath.Join(binDir, "kata-manager"))
+		cmd.Env = cleanEnv()
+		if point > 0 {
+			cmd.Path = bin
+			cmd.Env = append(cmd.Env, fmt.Sprintf("GPU_SANDBOX_KILL_AT=%d", point))
+		}
+		addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+		cmd.Args = append([]string{cmd.Path}, append(args, "--health-address", addr)...)
+		var out testbed.Output
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		deadline := time.Now().Add(30 * time.Second)
+		terminated := false
+		for {
+			select {
+			case err := <-done:
+				var ee *exec.ExitError
+				if errors.As(err, &ee) {
+					if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL {
+						return true
+					}
+				}
+				if err != nil || !terminated {
+					t.Fatalf("daemon (kill point %d) ended on its own: %v\n%s", point, err, out.String())
+				}
+				return false
+			case <-time.After(5 * time.Millisecond):
+			}
+			if !terminated && readyz(addr) == http.StatusOK {
+				cmd.Process.Signal(syscall.SIGTERM)
+				terminated = true
+			}
+			if time.Now().After(deadline) {
+				cmd.Process.Kill()
+				t.Fatalf("daemon (kill point %d) neither ready nor stopped within 30s:\n%s", point, out.String())
+			}
+		}
+	}
+}
+
+func readyz(addr string) int {
+	resp, err := http.Get("http://" + addr + "/readyz")
+	if err != nil {
+		return 0
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
 // killEverywhere kills the agent at every point in turn from the saved
 // state, checks the node after each kill, and lets one more run converge
 // to the bytes of an uninterrupted run. It returns the points survived.
-func killEverywhere(t *testing.T, n *katanode, from string, bin string, args []string) int {
+func killEverywhere(t *testing.T, n *katanode, from string, life agentLife) int {
 	t.Helper()
 	resetNode(t, n, from)
-	if r := run(t, "kata-manager", nil, args...); r.code != 0 {
-		t.Fatalf("uninterrupted run: %s", r)
-	}
+	life(t, 0)
 	want := takeSnapshot(t, n)
 	points := 0
 	for point := 1; ; point++ {
 		resetNode(t, n, from)
-		if !killedAt(t, point, bin, args...) {
+		if !life(t, point) {
 			break
 		}
 		points++
 		checkAfterCrash(t, n, point)
-		if r := run(t, "kata-manager", nil, args...); r.code != 0 {
-			t.Fatalf("kill point %d: the next run failed: %s", point, r)
-		}
+		life(t, 0)
 		got := takeSnapshot(t, n)
 		for path, b := range want {
 			if got[path] != b {
@@ -196,7 +270,7 @@ func TestKataManagerCrashConsistency(t *testing.T) {
 	args := n.args("--once")
 
 	fresh := saveNode(t, n)
-	first := killEverywhere(t, n, fresh, bin, args)
+	first := killEverywhere(t, n, fresh, onceRun(bin, args))
 
 	// An update: the node converged, then one tag moves.
 	resetNode(t, n, fresh)
@@ -205,16 +279,46 @@ func TestKataManagerCrashConsistency(t *testing.T) {
 	}
 	converged := saveNode(t, n)
 	testbed.PushArtifact(t, repo, "gpu", testbed.KataArtifact(52, 64<<10))
-	update := killEverywhere(t, n, converged, bin, args)
+	update := killEverywhere(t, n, converged, onceRun(bin, args))
 
 	// A runtime class dropped from the configuration: its entry and its
 	// artifacts go.
 	n.writeConfig(t, classConfig("kata-qemu-nvidia-gpu", reg.Host+"/nvidia/kata:gpu"))
-	dropped := killEverywhere(t, n, converged, bin, args)
+	dropped := killEverywhere(t, n, converged, onceRun(bin, args))
 
 	t.Logf("kill points survived: %d in a first reconcile, %d in an update, %d dropping a class", first, update, dropped)
 	if first+update+dropped < 50 {
 		t.Errorf("only %d kill points; want at least 50", first+update+dropped)
+	}
+}
+
+// The daemon killed at every file operation of its first reconcile, of
+// becoming ready and of its cleanup after SIGTERM: the node is never
+// broken, and the next start and stop leave it as a life that was not
+// interrupted does: containerd's configuration given back byte for byte,
+// no CDI spec, no PID file, the artifacts kept.
+func TestKataManagerDaemonCrashConsistency(t *testing.T) {
+	bin := filepath.Join(faultBinaries(t), "kata-manager")
+	reg := testbed.StartRegistry(t, "", "")
+	repo := testbed.Repository(t, reg.Host, "nvidia/kata", "", "")
+	testbed.PushArtifact(t, repo, "gpu", testbed.KataArtifact(53, 64<<10))
+	n := newKataNode(t, classConfig("kata-qemu-nvidia-gpu", reg.Host+"/nvidia/kata:gpu"))
+
+	points := killEverywhere(t, n, saveNode(t, n), daemonRun(bin, n.args()))
+	t.Logf("kill points survived by the daemon: %d", points)
+	if points < 15 {
+		t.Errorf("only %d kill points in a daemon's life; want its reconcile, readiness and cleanup", points)
+	}
+	if main, _ := os.ReadFile(n.main); string(main) != string(n.original) {
+		t.Errorf("containerd configuration not given back:\n%s", main)
+	}
+	for _, gone := range []string{n.dropIn, filepath.Join(n.cdi, "nvidia.com-pgpu.yaml"), filepath.Join(n.artifacts, "k8s-kata-manager.pid")} {
+		if _, err := os.Stat(gone); err == nil {
+			t.Errorf("%s left after the daemon stopped", gone)
+		}
+	}
+	if _, err := artifacts.Current(filepath.Join(n.artifacts, "kata-qemu-nvidia-gpu")); err != nil {
+		t.Errorf("artifacts not kept: %v", err)
 	}
 }
 

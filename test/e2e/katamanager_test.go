@@ -411,15 +411,7 @@ func TestKataManagerDaemonRepairsDrift(t *testing.T) {
 			t.Logf("kata-manager:\n%s", logs.String())
 		}
 	}()
-	readyz := func() int {
-		resp, err := http.Get("http://" + addr + "/readyz")
-		if err != nil {
-			return 0
-		}
-		resp.Body.Close()
-		return resp.StatusCode
-	}
-	eventually(t, "ready", func() bool { return readyz() == http.StatusOK })
+	eventually(t, "ready", func() bool { return readyz(addr) == http.StatusOK })
 	exists := func(p string) bool { _, err := os.Stat(p); return err == nil }
 
 	os.Remove(n.dropIn)

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"sync/atomic"
@@ -485,6 +486,10 @@ func (a *agent) markReady() error {
 	}
 	a.ready.Store(true)
 	a.log.WithField("pidFile", pid).Info("every runtime class is set up; ready")
+	// The first reconcile's buffers (pulls, TOML trees, the CDI scan) are
+	// garbage now: return them to the kernel at once rather than over
+	// minutes, since idle RSS is what every node pays.
+	go debug.FreeOSMemory()
 	return nil
 }
 

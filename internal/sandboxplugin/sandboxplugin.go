@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync"
@@ -170,6 +171,10 @@ func (p *plugin) run(ctx context.Context) error {
 	defer p.shutdown(cancelServers)
 	p.scan(srvCtx)
 	p.scanned.Store(true)
+	// What start-up parsed and built (PCI names, the first scan) is garbage
+	// now: return it to the kernel at once rather than over minutes, since
+	// idle RSS is what every node pays.
+	go debug.FreeOSMemory()
 
 	poll := time.NewTicker(p.cfg.PollInterval)
 	defer poll.Stop()

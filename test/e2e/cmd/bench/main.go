@@ -43,13 +43,14 @@ type bench struct {
 
 func main() {
 	out := flag.String("out", "BENCHMARKS.md", "file to write")
+	only := flag.String("only", "", "comma-separated sections to run, for iterating on one figure: "+strings.Join(sectionNames, ","))
 	flag.Parse()
 	h, err := testbed.NewHarness("gsb")
 	if err == nil {
 		b := &bench{Harness: h}
 		_, file, _, _ := runtime.Caller(0)
 		b.root = filepath.Join(filepath.Dir(file), "..", "..", "..", "..")
-		err = h.Run(func() error { return b.run(*out) })
+		err = h.Run(func() error { return b.run(*out, *only) })
 		h.Close()
 	}
 	if err != nil {
@@ -58,16 +59,24 @@ func main() {
 	}
 }
 
-func (b *bench) run(out string) error {
+var sectionNames = []string{"go", "pulls", "kata-start", "plugin-start", "bind", "rss", "storm"}
+
+func (b *bench) run(out, only string) error {
+	sections := map[string]func(){"go": b.goBenchmarks, "pulls": b.pulls, "kata-start": b.kataManagerStart,
+		"plugin-start": b.pluginStart, "bind": b.vfioBind, "rss": b.idleRSS, "storm": b.restartStorm}
+	names := sectionNames
+	if only != "" {
+		names = strings.Split(only, ",")
+	}
 	b.bin = filepath.Join(b.Dir, "bin")
 	b.sh("go", "build", "-trimpath", "-o", b.bin+"/", "./cmd/...", "./test/e2e/cmd/emptygrpc")
-	b.goBenchmarks()
-	b.pulls()
-	b.kataManagerStart()
-	b.pluginStart()
-	b.vfioBind()
-	b.idleRSS()
-	b.restartStorm()
+	for _, name := range names {
+		section, ok := sections[name]
+		if !ok {
+			return fmt.Errorf("-only %q: no section %q (have %s)", only, name, strings.Join(sectionNames, ","))
+		}
+		section()
+	}
 	return b.write(out)
 }
 
@@ -589,5 +598,8 @@ func (b *bench) write(path string) error {
 		fmt.Fprintf(&sb, "| %s | %s | %s | %s | %s | `%s` |\n", cell(r.what), cell(r.ours), cell(r.reference), cell(r.ratio), cell(r.target), cell(r.command))
 	}
 	sb.WriteString(notes)
-	return os.WriteFile(filepath.Join(b.root, path), []byte(sb.String()), 0o644)
+	if !filepath.IsAbs(path) {
+		path = filepath.Join(b.root, path)
+	}
+	return os.WriteFile(path, []byte(sb.String()), 0o644)
 }

@@ -18,14 +18,15 @@ import (
 // vfio-manager at it.
 type node struct {
 	tree  *vfiotest.Tree
+	emu   *vfiotest.Emulator
 	state string
 	flags []string
 }
 
 func newNode(t *testing.T, n vfiotest.Node) *node {
-	tree, _ := vfiotest.New(t, n)
+	tree, emu := vfiotest.New(t, n)
 	state := filepath.Join(t.TempDir(), "state")
-	return &node{tree: tree, state: state, flags: []string{
+	return &node{tree: tree, emu: emu, state: state, flags: []string{
 		"--sysfs-root", tree.SysfsRoot, "--dev-root", tree.DevRoot, "--host-root", tree.HostRoot,
 		"--state-dir", state, "--load-modules=false", "--timeout", "2s",
 	}}

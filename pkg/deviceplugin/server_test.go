@@ -220,9 +220,10 @@ func TestStopRemovesSocketAndLeaksNothing(t *testing.T) {
 }
 
 func openFDs(t *testing.T) int {
-	entries, err := os.ReadDir("/proc/self/fd")
+	t.Helper()
+	entries, err := os.ReadDir("/proc/self/fd") // the package serves on Linux only
 	if err != nil {
-		t.Skip("no /proc/self/fd")
+		t.Fatalf("count open fds: %v", err)
 	}
 	return len(entries)
 }

@@ -315,7 +315,7 @@ func (b *bench) kataManagerStart() {
 		}
 		waitFile(b, filepath.Join(artifacts, "k8s-kata-manager.pid"))
 		elapsed := time.Since(start)
-		stop(cmd)
+		testbed.Stop(cmd)
 		return elapsed
 	})
 	b.add(row{"kata-manager start to ready (warm artifacts, containerd config written)", ms(d), "—", "—", "< 200 ms",
@@ -339,7 +339,7 @@ func (b *bench) pluginStart() {
 		}
 		k.WaitFor("two registrations", func(map[string]*deviceplugintest.Plugin) bool { return len(k.Registrations()) == 2 })
 		elapsed := time.Since(start)
-		stop(cmd)
+		testbed.Stop(cmd)
 		k.Stop()
 		return elapsed
 	})
@@ -448,7 +448,7 @@ func rss(b *bench, start func() *exec.Cmd, ready func()) memory {
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}
-	defer stop(cmd)
+	defer testbed.Stop(cmd)
 	ready()
 	time.Sleep(time.Second)
 	return vmRSS(b, cmd.Process.Pid)
@@ -496,7 +496,7 @@ func (b *bench) restartStorm() {
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}
-	defer stop(cmd)
+	defer testbed.Stop(cmd)
 	registered := func(k *deviceplugintest.Kubelet) {
 		k.WaitFor("both resources", func(p map[string]*deviceplugintest.Plugin) bool { return len(p) == 2 })
 	}
@@ -540,18 +540,6 @@ func waitFile(b *bench, path string) {
 			b.Fatalf("%s did not appear", path)
 		}
 		time.Sleep(time.Millisecond)
-	}
-}
-
-func stop(cmd *exec.Cmd) {
-	cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(20 * time.Second):
-		cmd.Process.Kill()
-		<-done
 	}
 }
 

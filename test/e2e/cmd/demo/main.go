@@ -18,7 +18,6 @@ import (
 	"runtime"
 	"slices"
 	"strings"
-	"syscall"
 	"time"
 
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
@@ -237,9 +236,9 @@ func (d *demo) run() error {
 	}
 
 	step("Stopping the agents: sockets, CDI specs and containerd entries go")
-	stop(plugin)
+	testbed.Stop(plugin)
 	say("sandbox-device-plugin stopped: %s", lastLine(pluginLog))
-	stop(km)
+	testbed.Stop(km)
 	say("kata-manager stopped: %s", lastLine(kmLog))
 	after, _ := os.ReadFile(main)
 	say("containerd configuration given back byte for byte: %v", bytes.Equal(after, original))
@@ -280,23 +279,8 @@ func (d *demo) startAgent(name string, args ...string) (*exec.Cmd, *testbed.Outp
 	if err := cmd.Start(); err != nil {
 		return nil, nil, err
 	}
-	d.Cleanup(func() { stop(cmd) })
+	d.Cleanup(func() { testbed.Stop(cmd) })
 	return cmd, log, nil
-}
-
-func stop(cmd *exec.Cmd) {
-	if cmd.ProcessState != nil {
-		return
-	}
-	cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(30 * time.Second):
-		cmd.Process.Kill()
-		<-done
-	}
 }
 
 func waitFile(path string, timeout time.Duration) error {

@@ -394,3 +394,97 @@ func TestUnreadableDeviceIsSkipped(t *testing.T) {
 		t.Errorf("the skipped device is not named in the logs:\n%s", n.logs)
 	}
 }
+
+// A /dev event changes exactly the devices whose node it names, from what
+// the event says, with no read of sysfs in between; the full rescan follows
+// on its timer. Guards against going back to a rescan per event (1.4 ms to
+// Unhealthy across processes, where the event alone takes microseconds).
+// A node coming back makes its device healthy again, but only once the CDI
+// spec carries the node's new device number.
+func TestNodeEventChangesOnlyItsDevice(t *testing.T) {
+	n := newNode(t, vfiotest.BoundToVFIO(vfiotest.HGXH100()), true)
+	n.cfg.PollInterval = time.Hour // no scan but the settle timer's
+	n.run(t)
+	gpus := n.kubelet.WaitForDevices(h100, func(l []*pluginapi.Device) bool { return count(l, pluginapi.Healthy) == 8 })
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stream, err := gpus.Client.ListAndWatch(ctx, &pluginapi.Empty{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// next returns the next list that differs from the last one.
+	var last []*pluginapi.Device
+	next := func() []*pluginapi.Device {
+		t.Helper()
+		for {
+			resp, err := stream.Recv()
+			if err != nil {
+				t.Fatalf("ListAndWatch: %v", err)
+			}
+			if !slices.EqualFunc(resp.Devices, last, func(a, b *pluginapi.Device) bool { return a.ID == b.ID && a.Health == b.Health }) {
+				last = resp.Devices
+				return last
+			}
+		}
+	}
+	unhealthy := func(l []*pluginapi.Device) []string {
+		var ids []string
+		for _, d := range l {
+			if d.Health != pluginapi.Healthy {
+				ids = append(ids, d.ID)
+			}
+		}
+		return ids
+	}
+	if got := unhealthy(next()); len(got) != 0 {
+		t.Fatalf("unhealthy at start: %v", got)
+	}
+
+	// A change only a full scan sees: 0000:18:00.0 can no longer be read.
+	// A scan at the event would take it out with the device the event names.
+	vendor := filepath.Join(n.tree.SysfsRoot, "bus/pci/devices/0000:18:00.0/vendor")
+	if err := os.Rename(vendor, vendor+".away"); err != nil {
+		t.Fatal(err)
+	}
+	node := n.tree.GroupNode(22) // 0000:3a:00.0
+	if err := os.Rename(node, node+".gone"); err != nil {
+		t.Fatal(err)
+	}
+	if got := unhealthy(next()); !slices.Equal(got, []string{"0000:3a:00.0"}) {
+		t.Fatalf("after its node went, unhealthy %v; want exactly 0000:3a:00.0", got)
+	}
+	// The settle timer's full scan follows and sees the unreadable device.
+	if got := unhealthy(next()); !slices.Equal(got, []string{"0000:18:00.0", "0000:3a:00.0"}) {
+		t.Fatalf("after the rescan, unhealthy %v; want 0000:18:00.0 and 0000:3a:00.0", got)
+	}
+	if err := os.Rename(vendor+".away", vendor); err != nil {
+		t.Fatal(err)
+	}
+
+	// The kernel gives the group a new minor when it comes back.
+	if err := os.WriteFile(filepath.Join(n.tree.SysfsRoot, "class/vfio/22/dev"), []byte("243:99\n"), 0o444); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(node+".gone", node); err != nil {
+		t.Fatal(err)
+	}
+	got := unhealthy(next())
+	// At the moment the kubelet hears of it, the spec names the new node.
+	cache, err := cdiapi.NewCache(cdiapi.WithSpecDirs(n.cfg.CDIRoot), cdiapi.WithAutoRefresh(false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(got, []string{"0000:18:00.0"}) {
+		t.Fatalf("after its node came back, unhealthy %v; want only 0000:18:00.0, which waits for a scan", got)
+	}
+	d := cache.GetDevice(h100 + "=0000:3a:00.0")
+	if d == nil {
+		t.Fatalf("0000:3a:00.0 healthy before its CDI device is written (errors %v)", cache.GetErrors())
+	}
+	if nodes := d.ContainerEdits.DeviceNodes; len(nodes) != 1 || nodes[0].Major != 243 || nodes[0].Minor != 99 {
+		t.Errorf("0000:3a:00.0 healthy while its CDI spec names %+v; want the new node 243:99", nodes[0])
+	}
+	if got := unhealthy(next()); len(got) != 0 {
+		t.Fatalf("after the rescan, unhealthy %v; want none", got)
+	}
+}

@@ -80,10 +80,12 @@ type device struct {
 	NUMA     int
 	Path     string   // sysfs path of the primary function: PCIe position
 	Nodes    []string // device nodes in the current mode
-	Funcs    []string // addresses of the group's functions
-	Healthy  bool
-	Present  bool // seen on the last scan (held by vfio)
-	passthru *vfio.Passthrough
+	// hostNodes are Nodes under --dev-root, as /dev events name them.
+	hostNodes []string
+	Funcs     []string // addresses of the group's functions
+	Healthy   bool
+	Present   bool // seen on the last scan (held by vfio)
+	passthru  *vfio.Passthrough
 }
 
 // snapshot is the state Allocate reads: replaced whole, never changed.
@@ -194,10 +196,16 @@ func (p *plugin) run(ctx context.Context) error {
 			if !ok {
 				return errors.New("device watch closed")
 			}
-			if ev.Has(fsnotify.Create) {
-				p.watch(w) // /dev/vfio or /dev/vfio/devices may just have appeared
+			if !p.vfioPath(ev.Name) {
+				continue // the rest of /dev: ttys, disks, ...
 			}
-			p.scan(srvCtx)
+			// The event says which node came or went: apply that to the
+			// devices it names at once, and leave reading everything
+			// again to the settle timer.
+			p.nodeEvent(srvCtx, ev)
+			if ev.Has(fsnotify.Create) && p.watchedDir(ev.Name) {
+				p.watch(w) // /dev/vfio or /dev/vfio/devices has just appeared
+			}
 			settle.Reset(settleDelay)
 		case <-settle.C:
 			p.scan(srvCtx)
@@ -215,13 +223,28 @@ func (p *plugin) run(ctx context.Context) error {
 }
 
 // watch follows the directories where vfio nodes come and go, and /dev
-// itself until /dev/vfio exists. Adding a watch twice is harmless.
+// itself for /dev/vfio and /dev/iommu. Adding a watch twice is harmless.
 func (p *plugin) watch(w *fsnotify.Watcher) {
 	for _, dir := range []string{p.cfg.DevRoot, filepath.Join(p.cfg.DevRoot, "vfio"), filepath.Join(p.cfg.DevRoot, "vfio", "devices")} {
 		if _, err := os.Stat(dir); err == nil {
 			_ = w.Add(dir)
 		}
 	}
+}
+
+// watchedDir reports whether path is one of the directories watch follows
+// below /dev.
+func (p *plugin) watchedDir(path string) bool {
+	vfioDir := filepath.Join(p.cfg.DevRoot, "vfio")
+	return path == vfioDir || path == filepath.Join(vfioDir, "devices")
+}
+
+// vfioPath reports whether a path under the watched part of /dev can matter
+// to the devices: /dev/vfio and everything in it, and /dev/iommu (which
+// decides the mode in auto).
+func (p *plugin) vfioPath(path string) bool {
+	vfioDir := filepath.Join(p.cfg.DevRoot, "vfio")
+	return path == vfioDir || strings.HasPrefix(path, vfioDir+"/") || path == filepath.Join(p.cfg.DevRoot, "iommu")
 }
 
 // shutdown stops every plugin (removing their sockets) and the CDI specs.
@@ -269,55 +292,144 @@ func (p *plugin) scan(ctx context.Context) {
 		for i, f := range pt.Functions {
 			funcs[i] = f.Address
 		}
-		p.logHealth(d, healthy, true)
-		d.NUMA, d.Path, d.Nodes, d.Funcs, d.Healthy, d.Present, d.passthru =
-			pt.NUMANode(), pt.Primary.Path, nodes, funcs, healthy, true, pt
+		p.logHealth(d, healthy, true, d.Healthy)
+		hostNodes := make([]string, len(nodes))
+		for i, n := range nodes {
+			hostNodes[i] = p.hostPath(n)
+		}
+		d.NUMA, d.Path, d.Nodes, d.hostNodes, d.Funcs, d.Healthy, d.Present, d.passthru =
+			pt.NUMANode(), pt.Primary.Path, nodes, hostNodes, funcs, healthy, true, pt
 	}
 	for id, d := range p.known {
 		if !present[id] {
-			p.logHealth(d, false, false)
+			p.logHealth(d, false, false, d.Healthy)
 			d.Healthy, d.Present, d.passthru = false, false, nil
 		}
 	}
 
+	p.publish(ctx, mode, nil, true)
+}
+
+// nodeEvent applies what a /dev event says to the devices whose nodes it
+// names, without reading sysfs. A node gone makes them unhealthy, sent at
+// once. A node back makes them healthy again where the rest of what the
+// last scan saw still holds (every function on a vfio driver, every node
+// there), sent once the CDI specs are written: a node re-created may have
+// a new device number. What an event cannot settle (a node no device had, a
+// driver not linked yet) waits for the scan that the settle timer runs.
+func (p *plugin) nodeEvent(ctx context.Context, ev fsnotify.Event) {
+	gone := ev.Has(fsnotify.Remove) || ev.Has(fsnotify.Rename)
+	if !gone && !ev.Has(fsnotify.Create) {
+		return
+	}
+	var changed []*device
+	for _, d := range p.known {
+		if !d.Present || d.Healthy != gone || !names(d, ev.Name) {
+			continue
+		}
+		if !gone && !(d.passthru.Ready() && p.nodesExist(d.Nodes) && p.onVFIO(d.Funcs)) {
+			continue
+		}
+		changed = append(changed, d)
+	}
+	if len(changed) == 0 {
+		return
+	}
+	resources := map[string]bool{}
+	for _, d := range changed {
+		d.Healthy = !gone
+		resources[d.Resource] = true
+	}
+	p.publish(ctx, p.state.Load().mode, resources, !gone)
+	// Logged once the kubelet has the news, not before.
+	for _, d := range changed {
+		p.logHealth(d, !gone, true, gone)
+	}
+}
+
+// names reports whether path is one of the device's nodes or a directory
+// above them.
+func names(d *device, path string) bool {
+	for _, n := range d.hostNodes {
+		if n == path || strings.HasPrefix(n, path+"/") {
+			return true
+		}
+	}
+	return false
+}
+
+// publish makes what p.known says the state that Allocate reads and the
+// kubelet sees, for the given resources (nil: all). Bad news goes out
+// first: a device that failed is withdrawn at once. Good news waits for the
+// CDI specs (written when writeSpecs), so that a name Allocate hands out
+// resolves.
+func (p *plugin) publish(ctx context.Context, mode vfio.Mode, resources map[string]bool, writeSpecs bool) {
 	prev := p.state.Load().devices
 	snap := &snapshot{mode: mode, devices: make(map[string]*device, len(p.known))}
 	early, final := map[string][]deviceplugin.Device{}, map[string][]deviceplugin.Device{}
+	good := false
 	for id, d := range p.known {
 		c := *d
 		snap.devices[id] = &c
+		if resources != nil && !resources[d.Resource] {
+			continue
+		}
 		was := prev[id] != nil && prev[id].Healthy
+		good = good || d.Healthy && !was
 		early[d.Resource] = append(early[d.Resource], deviceplugin.Device{ID: id, Healthy: d.Healthy && was, NUMANode: d.NUMA})
 		final[d.Resource] = append(final[d.Resource], deviceplugin.Device{ID: id, Healthy: d.Healthy, NUMANode: d.NUMA})
 	}
-	// Bad news first: a device that failed is withdrawn at once. Good news
-	// waits for the CDI specs, so that a name Allocate hands out resolves.
+	if !good {
+		// Allocate refuses what failed before the kubelet hears of it.
+		p.state.Store(snap)
+	}
 	for resource, list := range early {
 		p.server(ctx, resource).SetDevices(list)
 	}
-	p.writeSpecs(snap)
-	p.state.Store(snap)
-	for resource, list := range final {
-		p.server(ctx, resource).SetDevices(list)
+	if writeSpecs {
+		p.writeSpecs(snap)
+	}
+	if good {
+		p.state.Store(snap)
+		for resource, list := range final {
+			p.server(ctx, resource).SetDevices(list)
+		}
 	}
 	p.m.update(snap)
 }
 
-func (p *plugin) logHealth(d *device, healthy, present bool) {
+// logHealth logs a device's change from was to healthy.
+func (p *plugin) logHealth(d *device, healthy, present, was bool) {
 	entry := p.log.WithFields(logrus.Fields{"device": d.ID, "resource": d.Resource})
 	switch {
-	case d.Healthy && !healthy && present:
+	case was && !healthy && present:
 		entry.Warn("device unhealthy: its vfio node, or a function's vfio driver, is gone")
-	case d.Healthy && !healthy:
+	case was && !healthy:
 		entry.Warn("device unhealthy: no longer held by vfio, or gone from sysfs")
-	case !d.Healthy && healthy:
+	case !was && healthy:
 		entry.Info("device healthy")
 	}
 }
 
+// hostPath is where a device node (/dev/vfio/22) is under --dev-root.
+func (p *plugin) hostPath(node string) string {
+	return filepath.Join(p.cfg.DevRoot, strings.TrimPrefix(node, "/dev/"))
+}
+
 func (p *plugin) nodesExist(nodes []string) bool {
 	for _, n := range nodes {
-		if _, err := os.Stat(filepath.Join(p.cfg.DevRoot, strings.TrimPrefix(n, "/dev/"))); err != nil {
+		if _, err := os.Stat(p.hostPath(n)); err != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// onVFIO reports whether every function is bound to a vfio driver now.
+func (p *plugin) onVFIO(funcs []string) bool {
+	for _, addr := range funcs {
+		target, err := os.Readlink(filepath.Join(p.sysfs.DevicePath(addr), "driver"))
+		if err != nil || !vfio.IsVFIODriver(filepath.Base(target)) {
 			return false
 		}
 	}
@@ -328,15 +440,7 @@ func (p *plugin) nodesExist(nodes []string) bool {
 // scan for any advertised device: cheap enough to run every PollInterval.
 func (p *plugin) stale() bool {
 	for _, d := range p.state.Load().devices {
-		if !d.Present {
-			continue
-		}
-		healthy := p.nodesExist(d.Nodes)
-		for _, addr := range d.Funcs {
-			target, err := os.Readlink(filepath.Join(p.sysfs.DevicePath(addr), "driver"))
-			healthy = healthy && err == nil && vfio.IsVFIODriver(filepath.Base(target))
-		}
-		if healthy != d.Healthy {
+		if d.Present && (p.nodesExist(d.Nodes) && p.onVFIO(d.Funcs)) != d.Healthy {
 			return true
 		}
 	}

@@ -27,6 +27,9 @@ var (
 	// ErrNoCDev means a device has no vfio cdev (kernel before 6.2, or
 	// CONFIG_VFIO_DEVICE_CDEV off), so iommufd mode cannot use it.
 	ErrNoCDev = errors.New("no vfio cdev")
+	// ErrInUse means a process holds a device's VFIO node open (a VM is
+	// using it), so taking it from vfio would pull it from under the VM.
+	ErrInUse = errors.New("in use")
 	// ErrSysfs means a sysfs attribute is missing or malformed.
 	ErrSysfs = errors.New("bad sysfs attribute")
 )

@@ -36,7 +36,7 @@ func Example() {
 	for _, o := range res.Outcomes {
 		fmt.Printf("%s %-9s %s: %s -> %s\n", o.Address, o.Role, o.Action, o.From, o.To)
 	}
-	for _, o := range m.Unbind(context.Background(), plan).Outcomes {
+	for _, o := range m.Unbind(context.Background(), plan, vfio.UnbindOptions{}).Outcomes {
 		fmt.Printf("%s %-9s %s: %s -> %s\n", o.Address, o.Role, o.Action, o.From, o.To)
 	}
 	// Output:

@@ -36,6 +36,7 @@ type Manager struct {
 	hostRoot string
 	state    stateStore
 	timeout  time.Duration
+	procRoot string
 	loader   ModuleLoader
 	release  string
 	dryRun   bool
@@ -53,6 +54,11 @@ func WithDevRoot(root string) Option { return func(m *Manager) { m.devRoot = roo
 // WithHostRoot sets the host's root file system, under which
 // lib/modules/<release>/modules.alias is read. Default: DefaultHostRoot.
 func WithHostRoot(root string) Option { return func(m *Manager) { m.hostRoot = root } }
+
+// WithProcRoot sets where the processes that may hold devices open are
+// listed; the host's /proc (the agent in the host's PID namespace) is what
+// makes the in-use check see every VM. Default: DefaultProcRoot.
+func WithProcRoot(root string) Option { return func(m *Manager) { m.procRoot = root } }
 
 // WithStateDir sets where previous drivers are recorded. Default: DefaultStateDir.
 func WithStateDir(dir string) Option { return func(m *Manager) { m.state = stateStore{dir: dir} } }
@@ -79,6 +85,7 @@ func NewManager(opts ...Option) *Manager {
 		sysfs:    NewSysfs(DefaultSysfsRoot),
 		devRoot:  DefaultDevRoot,
 		hostRoot: DefaultHostRoot,
+		procRoot: DefaultProcRoot,
 		state:    stateStore{dir: DefaultStateDir},
 		timeout:  DefaultTimeout,
 	}
@@ -108,6 +115,8 @@ const (
 	ActionFailed    Action = "failed"    // tried and failed; see Err
 	ActionSkipped   Action = "skipped"   // not touched because its group failed
 	ActionPlanned   Action = "planned"   // dry run: would change
+	ActionRefused   Action = "refused"   // not touched: a process holds its group; see Err
+	ActionLeft      Action = "left"      // not touched: this package did not bind it; see Warning
 )
 
 // Outcome is the result for one device.
@@ -190,18 +199,65 @@ func (m *Manager) Bind(ctx context.Context, p *Plan) (*Result, error) {
 	return m.eachGroup(p, func(g *Group) []Outcome { return m.bindGroup(ctx, g, targets) }), nil
 }
 
-// Unbind takes every member of the plan that a vfio driver holds back from
-// it and gives it to the driver recorded when it was bound, or leaves it
-// without a driver (with a warning) when no usable record exists.
-func (m *Manager) Unbind(ctx context.Context, p *Plan) *Result {
+// UnbindOptions tune Unbind. The zero value gives back only devices this
+// package bound and that no process holds.
+type UnbindOptions struct {
+	// Force also gives back devices that a process holds open, which pulls
+	// them out of a running VM (the kernel asks the VMM to release them and
+	// waits for it), and devices this package has no record of binding,
+	// which are left without a driver. Default false: such devices are
+	// reported (ActionRefused, ActionLeft) and not touched.
+	Force bool
+}
+
+// Unbind takes the members of the plan that a vfio driver holds back from
+// it and gives each to the driver recorded when this package bound it.
+//
+// Before any write, the host's processes are checked (WithProcRoot): a group
+// whose /dev/vfio node or vfio cdev a process holds open is refused whole,
+// naming the process, and none of its members is touched. Devices without a
+// record (bound by vfio-pci.ids= or by hand) are left as they are. A device
+// with a record that lost its driver since (an unbind that the kernel
+// finished late) is given back to its recorded driver.
+func (m *Manager) Unbind(ctx context.Context, p *Plan, opts UnbindOptions) *Result {
 	m.state.clean()
+	var held map[int][]Holder
+	var heldErr error
+	if !opts.Force && !m.dryRun {
+		held, heldErr = m.Holders(p)
+	}
 	return m.eachGroup(p, func(g *Group) []Outcome {
 		out := make([]Outcome, 0, len(g.Members))
+		if err := m.inUse(g, held, heldErr); err != nil {
+			for _, mem := range g.Members {
+				out = append(out, Outcome{Address: mem.Address, Group: g.ID, Role: mem.Role, Action: ActionRefused,
+					From: mem.Driver, To: mem.Driver, Err: err})
+			}
+			return out
+		}
 		for _, mem := range g.Members {
-			out = append(out, m.unbindDevice(ctx, g.ID, mem))
+			out = append(out, m.unbindDevice(ctx, g.ID, mem, opts.Force))
 		}
 		return out
 	})
+}
+
+// inUse is the reason not to touch the group: a process holds it, or the
+// processes could not be checked.
+func (m *Manager) inUse(g *Group, held map[int][]Holder, heldErr error) error {
+	if heldErr != nil {
+		return fmt.Errorf("unbind iommu group %d: cannot tell whether a process holds it: %w", g.ID, heldErr)
+	}
+	hs := held[g.ID]
+	if len(hs) == 0 {
+		return nil
+	}
+	desc := make([]string, len(hs))
+	for i, h := range hs {
+		desc[i] = h.String()
+	}
+	return fmt.Errorf("unbind iommu group %d: %w: %s; stop it first (or --force, which takes the device from a running VM)",
+		g.ID, ErrInUse, strings.Join(desc, ", "))
 }
 
 func (m *Manager) eachGroup(p *Plan, f func(*Group) []Outcome) *Result {
@@ -245,6 +301,7 @@ func (m *Manager) bindGroup(ctx context.Context, g *Group, targets map[string]st
 		}
 		if err := m.bindDevice(ctx, mem.Device, targets[mem.Address]); err != nil {
 			out[i].Action, out[i].Err = ActionFailed, err
+			out[i].To = m.currentDriver(mem.Address)
 			m.rollback(ctx, g, out[:i], err)
 			for j := i + 1; j < len(out); j++ {
 				out[j].Action = ActionSkipped
@@ -273,20 +330,30 @@ func (m *Manager) bindGroup(ctx context.Context, g *Group, targets map[string]st
 }
 
 // rollback gives the devices this call bound back to their drivers, so that a
-// group is either wholly given to VFIO or left as it was.
+// group is either wholly given to VFIO or left as it was. It runs to the end
+// whatever became of the caller's context (a SIGTERM, a deadline): each
+// device still has its own timeout.
 func (m *Manager) rollback(ctx context.Context, g *Group, done []Outcome, cause error) {
+	ctx = context.WithoutCancel(ctx)
 	for i := range done {
 		if done[i].Action != ActionBound {
 			continue
 		}
-		err := m.unbindDevice(ctx, g.ID, Member{Device: &Device{Address: done[i].Address}}).Err
+		o := m.unbindDevice(ctx, g.ID, Member{Device: &Device{Address: done[i].Address}}, false)
 		done[i].Action = ActionFailed
-		done[i].To = done[i].From
+		done[i].To = m.currentDriver(done[i].Address)
 		done[i].Err = fmt.Errorf("bind %s: rolled back, group %d failed: %w", done[i].Address, g.ID, cause)
-		if err != nil {
-			done[i].Err = fmt.Errorf("bind %s: group %d failed (%w) and rollback failed: %w", done[i].Address, g.ID, cause, err)
+		if o.Err != nil {
+			done[i].Err = fmt.Errorf("bind %s: group %d failed (%w) and rollback failed: %w", done[i].Address, g.ID, cause, o.Err)
 		}
 	}
+}
+
+// currentDriver reads the device's driver now, for outcomes that must say
+// what really happened.
+func (m *Manager) currentDriver(address string) string {
+	d, _ := linkBase(m.sysfs.DevicePath(address), "driver")
+	return d
 }
 
 func (m *Manager) bindDevice(ctx context.Context, d *Device, target string) error {
@@ -294,6 +361,9 @@ func (m *Manager) bindDevice(ctx context.Context, d *Device, target string) erro
 	defer cancel()
 	fail := func(step string, err error) error {
 		return fmt.Errorf("bind %s to %s: %s: %w", d.Address, target, step, err)
+	}
+	if err := ctx.Err(); err != nil {
+		return fail("not started", err)
 	}
 
 	rec := record{Address: d.Address, Driver: d.Driver, BoundTo: target}
@@ -308,6 +378,7 @@ func (m *Manager) bindDevice(ctx context.Context, d *Device, target string) erro
 	faultinject.Point("vfio: recorded " + d.Address)
 	devDir := m.sysfs.DevicePath(d.Address)
 	if err := m.writeAttr(ctx, filepath.Join(devDir, "driver_override"), target); err != nil {
+		m.restoreOverride(d)
 		_ = m.state.remove(d.Address)
 		return fail("set driver_override", err)
 	}
@@ -317,8 +388,8 @@ func (m *Manager) bindDevice(ctx context.Context, d *Device, target string) erro
 			err = m.waitDriver(ctx, d.Address, "")
 		}
 		if err != nil {
-			m.restoreOverride(d.Address)
-			if cur, _ := m.sysfs.Device(d.Address); cur != nil && cur.Driver == d.Driver {
+			m.restoreOverride(d)
+			if m.currentDriver(d.Address) == d.Driver {
 				_ = m.state.remove(d.Address)
 			}
 			return fail(fmt.Sprintf("unbind from %s", d.Driver), err)
@@ -331,12 +402,22 @@ func (m *Manager) bindDevice(ctx context.Context, d *Device, target string) erro
 	}
 	faultinject.Point("vfio: probed " + d.Address)
 	if err != nil {
-		return fail("probe", err)
+		err = fail("probe", err)
+		// The device left its driver for nothing: give it back, on a
+		// context of its own, so that no function stays driverless with
+		// the vfio override set.
+		if o := m.unbindDevice(context.WithoutCancel(ctx), -1, Member{Device: &Device{Address: d.Address}}, false); o.Err != nil {
+			err = fmt.Errorf("%w; giving it back failed: %w", err, o.Err)
+		}
+		return err
 	}
 	return nil
 }
 
-func (m *Manager) unbindDevice(ctx context.Context, group int, mem Member) Outcome {
+// unbindDevice gives one device back to the driver recorded when it was
+// bound. Without a record it is left alone, unless force (then it is left
+// without a driver).
+func (m *Manager) unbindDevice(ctx context.Context, group int, mem Member, force bool) Outcome {
 	o := Outcome{Address: mem.Address, Group: group, Role: mem.Role, Action: ActionUnchanged}
 	// Read afresh: the plan may predate a bind made since.
 	d, err := m.sysfs.Device(mem.Address)
@@ -345,11 +426,24 @@ func (m *Manager) unbindDevice(ctx context.Context, group int, mem Member) Outco
 		return o
 	}
 	o.From, o.To = d.Driver, d.Driver
-	if !d.BoundToVFIO() {
-		return o
-	}
 	rec, recErr := m.state.load(d.Address)
-	if recErr != nil {
+	switch {
+	case recErr == nil && d.Driver == "":
+		// Its vfio driver let go after an earlier call gave up waiting:
+		// finish the job that call started.
+	case !d.BoundToVFIO():
+		if recErr == nil && !m.dryRun {
+			// Someone gave it back already; the record is stale.
+			if err := m.state.remove(d.Address); err != nil {
+				o.Warning = err.Error()
+			}
+		}
+		return o
+	case recErr != nil && !force:
+		o.Action = ActionLeft
+		o.Warning = fmt.Sprintf("%v: not bound by vfio-manager (vfio-pci.ids= on the kernel command line, or by hand); left on %s (--force gives it back without a driver)", recErr, d.Driver)
+		return o
+	case recErr != nil:
 		rec = record{}
 		o.Warning = fmt.Sprintf("%v: leaving %s without a driver", recErr, d.Address)
 	}
@@ -362,8 +456,8 @@ func (m *Manager) unbindDevice(ctx context.Context, group int, mem Member) Outco
 	defer cancel()
 	fail := func(step string, err error) Outcome {
 		o.Action = ActionFailed
-		o.To, _ = linkBase(m.sysfs.DevicePath(d.Address), "driver")
-		o.Err = fmt.Errorf("unbind %s from %s: %s: %w", d.Address, d.Driver, step, err)
+		o.To = m.currentDriver(d.Address)
+		o.Err = fmt.Errorf("unbind %s from %s: %s: %w", d.Address, orNone(d.Driver), step, err)
 		return o
 	}
 	// The override names the recorded driver while the device is given
@@ -371,15 +465,18 @@ func (m *Manager) unbindDevice(ctx context.Context, group int, mem Member) Outco
 	// bound by new_id) only takes a device through driver_override.
 	override := filepath.Join(m.sysfs.DevicePath(d.Address), "driver_override")
 	if err := m.writeAttr(ctx, override, rec.Driver+"\n"); err != nil {
+		m.restoreOverride(d)
 		return fail("set driver_override", err)
 	}
-	err = m.writeAttr(ctx, filepath.Join(m.sysfs.DriverPath(d.Driver), "unbind"), d.Address)
-	if err == nil {
-		err = m.waitDriver(ctx, d.Address, "")
-	}
-	if err != nil {
-		m.restoreOverride(d.Address)
-		return fail("unbind", err)
+	if d.Driver != "" {
+		err = m.writeAttr(ctx, filepath.Join(m.sysfs.DriverPath(d.Driver), "unbind"), d.Address)
+		if err == nil {
+			err = m.waitDriver(ctx, d.Address, "")
+		}
+		if err != nil {
+			m.restoreOverride(d)
+			return fail("unbind", err)
+		}
 	}
 	if rec.Driver != "" {
 		err := m.ensureDriver(ctx, rec.Driver, moduleOf(rec.Driver))
@@ -390,11 +487,12 @@ func (m *Manager) unbindDevice(ctx context.Context, group int, mem Member) Outco
 			err = m.waitDriver(ctx, d.Address, rec.Driver)
 		}
 		if err != nil {
-			m.restoreOverride(d.Address)
+			m.restoreOverride(d)
 			return fail(fmt.Sprintf("give back to %s", rec.Driver), err)
 		}
 	}
 	if err := m.writeAttr(ctx, override, "\n"); err != nil {
+		m.restoreOverride(d)
 		return fail("clear driver_override", err)
 	}
 	if err := m.state.remove(d.Address); err != nil {
@@ -404,10 +502,20 @@ func (m *Manager) unbindDevice(ctx context.Context, group int, mem Member) Outco
 	return o
 }
 
-func (m *Manager) restoreOverride(address string) {
+func orNone(driver string) string {
+	if driver == "" {
+		return "no driver"
+	}
+	return driver
+}
+
+// restoreOverride puts back the device's driver_override as it was before
+// the call that failed ("" clears it), on a context of its own: the
+// caller's may be what ran out.
+func (m *Manager) restoreOverride(d *Device) {
 	ctx, cancel := context.WithTimeout(context.Background(), m.timeout)
 	defer cancel()
-	_ = m.writeAttr(ctx, filepath.Join(m.sysfs.DevicePath(address), "driver_override"), "\n")
+	_ = m.writeAttr(ctx, filepath.Join(m.sysfs.DevicePath(d.Address), "driver_override"), d.DriverOverride+"\n")
 }
 
 func (m *Manager) ensureDriver(ctx context.Context, driver, module string) error {
@@ -430,6 +538,10 @@ func (m *Manager) ensureDriver(ctx context.Context, driver, module string) error
 // driver's probe or remove inside the write, which can hang on a sick
 // device, so the write is abandoned (not cancelled: it cannot be) when ctx ends.
 func (m *Manager) writeAttr(ctx context.Context, path, value string) error {
+	if ctx.Err() != nil {
+		// Nothing reaches the kernel once the caller has given up.
+		return fmt.Errorf("write %q: %w", path, ErrTimeout)
+	}
 	done := make(chan error, 1)
 	go func() {
 		f, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC, 0)

@@ -3,6 +3,7 @@ package vfio_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -120,7 +121,7 @@ func TestBindAndUnbindHGX(t *testing.T) {
 		t.Fatalf("second bind: %d unchanged, err %v; want 12 unchanged", n, r.Err())
 	}
 
-	r = f.m.Unbind(context.Background(), f.plan(t, "", true, nil))
+	r = f.m.Unbind(context.Background(), f.plan(t, "", true, nil), vfio.UnbindOptions{})
 	if err := r.Err(); err != nil {
 		t.Fatal(err)
 	}
@@ -164,7 +165,7 @@ func TestBindCompanionAudio(t *testing.T) {
 	f.wantDriver(t, "0000:65:00.0", "vfio-pci", "vfio-pci")
 	f.wantDriver(t, "0000:65:00.1", "vfio-pci", "vfio-pci")
 
-	r := f.m.Unbind(context.Background(), f.plan(t, "", false, nil))
+	r := f.m.Unbind(context.Background(), f.plan(t, "", false, nil), vfio.UnbindOptions{})
 	if r.Err() != nil {
 		t.Fatal(r.Err())
 	}
@@ -252,6 +253,9 @@ func TestBindRollsBackPartialGroup(t *testing.T) {
 	}
 }
 
+// A device on vfio without a usable record was not bound by this package
+// (vfio-pci.ids=, an administrator, a record lost): unbind leaves it alone
+// unless forced, and forced it has no driver to go back to.
 func TestUnbindWithoutUsableState(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
@@ -271,18 +275,183 @@ func TestUnbindWithoutUsableState(t *testing.T) {
 			if err := tc.damage(filepath.Join(f.stateDir, "0000:65:00.0.json")); err != nil {
 				t.Fatal(err)
 			}
-			r := f.m.Unbind(context.Background(), f.plan(t, "", false, nil))
+			r := f.m.Unbind(context.Background(), f.plan(t, "", false, nil), vfio.UnbindOptions{})
 			if r.Err() != nil {
 				t.Fatal(r.Err())
 			}
 			o := outcome(t, r, "0000:65:00.0")
+			if o.Action != vfio.ActionLeft || o.To != "vfio-pci" || !strings.Contains(o.Warning, "not bound by vfio-manager") {
+				t.Errorf("outcome %+v; want left on vfio-pci with a warning", o)
+			}
+			f.wantDriver(t, "0000:65:00.0", "vfio-pci", "vfio-pci")
+			f.wantDriver(t, "0000:65:00.1", "snd_hda_intel", "")
+
+			r = f.m.Unbind(context.Background(), f.plan(t, "", false, nil), vfio.UnbindOptions{Force: true})
+			if r.Err() != nil {
+				t.Fatal(r.Err())
+			}
+			o = outcome(t, r, "0000:65:00.0")
 			if o.Action != vfio.ActionUnbound || o.To != "" || !strings.Contains(o.Warning, "without a driver") {
-				t.Errorf("outcome %+v; want unbound, no driver, a warning", o)
+				t.Errorf("forced: outcome %+v; want unbound, no driver, a warning", o)
 			}
 			f.wantDriver(t, "0000:65:00.0", "", "")
-			f.wantDriver(t, "0000:65:00.1", "snd_hda_intel", "")
 		})
 	}
+}
+
+// A device that vfio-pci.ids= put on vfio at boot is no bind of ours: bind
+// leaves it unchanged and unbind --all leaves it where it is.
+func TestUnbindLeavesDevicesBoundByOthers(t *testing.T) {
+	n := vfiotest.A10WithAudio()
+	for i := range n.Devices {
+		n.Devices[i].Driver = "vfio-pci"
+	}
+	f := newFixture(t, n)
+	r := f.bind(t, f.plan(t, "", false, nil))
+	if r.Count(vfio.ActionUnchanged) != 2 || r.Err() != nil {
+		t.Fatalf("bind of devices already on vfio: %+v", r.Outcomes)
+	}
+	r = f.m.Unbind(context.Background(), f.plan(t, "", false, nil), vfio.UnbindOptions{})
+	if r.Count(vfio.ActionLeft) != 2 || r.Err() != nil {
+		t.Fatalf("unbind: %+v; want both left", r.Outcomes)
+	}
+	f.wantDriver(t, "0000:65:00.0", "vfio-pci", "")
+	f.wantDriver(t, "0000:65:00.1", "vfio-pci", "")
+}
+
+// holdOpen opens a device node as a VMM would and keeps it open until the
+// test ends.
+func holdOpen(t *testing.T, path string) {
+	t.Helper()
+	fh, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fh.Close() })
+}
+
+// A group whose node a process holds open (a running VM) is refused whole:
+// nothing in it is written, the error names the process; the other groups
+// go back. Force takes it anyway.
+func TestUnbindRefusesGroupInUse(t *testing.T) {
+	n := vfiotest.HGXH100()
+	for _, d := range vfiotest.A10WithAudio().Devices {
+		d.IOMMUGroup = 60 // the preset's own number is an H100's here
+		n.Devices = append(n.Devices, d)
+	}
+	f := newFixture(t, n)
+	if r := f.bind(t, f.plan(t, "", false, nil)); r.Err() != nil {
+		t.Fatal(r.Err())
+	}
+	a10Group := outcomeGroup(t, f, "0000:65:00.0")
+	holdOpen(t, f.tree.GroupNode(a10Group))
+	holdOpen(t, f.tree.GroupNode(20)) // the first H100
+
+	r := f.m.Unbind(context.Background(), f.plan(t, "", false, nil), vfio.UnbindOptions{})
+	err := r.Err()
+	if !errors.Is(err, vfio.ErrInUse) {
+		t.Fatalf("error = %v; want ErrInUse", err)
+	}
+	for _, want := range []string{fmt.Sprintf("pid %d", os.Getpid()), fmt.Sprintf("/dev/vfio/%d", a10Group), "/dev/vfio/20"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not name %s", err, want)
+		}
+	}
+	for _, addr := range []string{"0000:65:00.0", "0000:65:00.1", "0000:18:00.0"} {
+		if o := outcome(t, r, addr); o.Action != vfio.ActionRefused {
+			t.Errorf("%s: %s, want refused", addr, o.Action)
+		}
+		f.wantDriver(t, addr, "vfio-pci", "vfio-pci")
+		if !exists(filepath.Join(f.stateDir, addr+".json")) {
+			t.Errorf("%s: record removed although the device stayed", addr)
+		}
+	}
+	if n := r.Count(vfio.ActionUnbound); n != 7 {
+		t.Errorf("unbound %d devices, want the 7 free H100s", n)
+	}
+
+	r = f.m.Unbind(context.Background(), f.plan(t, "", false, nil), vfio.UnbindOptions{Force: true})
+	if r.Err() != nil || r.Count(vfio.ActionUnbound) != 3 {
+		t.Fatalf("forced unbind: %+v", r.Outcomes)
+	}
+	f.wantDriver(t, "0000:65:00.1", "snd_hda_intel", "")
+}
+
+// A process that cannot be checked is a process that may hold the device.
+func TestUnbindRefusesWhenProcessesCannotBeRead(t *testing.T) {
+	f := newFixture(t, vfiotest.A10WithAudio(), vfio.WithProcRoot(filepath.Join(t.TempDir(), "no-proc")))
+	if r := f.bind(t, f.plan(t, "", false, nil)); r.Err() != nil {
+		t.Fatal(r.Err())
+	}
+	r := f.m.Unbind(context.Background(), f.plan(t, "", false, nil), vfio.UnbindOptions{})
+	if err := r.Err(); err == nil || !strings.Contains(err.Error(), "no-proc") || r.Count(vfio.ActionRefused) != 2 {
+		t.Fatalf("unbind without a readable proc root: %+v, %v", r.Outcomes, err)
+	}
+	f.wantDriver(t, "0000:65:00.0", "vfio-pci", "vfio-pci")
+}
+
+// The kernel finishes an unbind that an earlier call gave up waiting for
+// (the VMM let go later): the device is left driverless with its record.
+// The next unbind gives it back to the recorded driver and drops the record,
+// rather than calling it unchanged.
+func TestUnbindFinishesLateUnbind(t *testing.T) {
+	f := newFixture(t, vfiotest.A10WithAudio())
+	if r := f.bind(t, f.plan(t, "", false, nil)); r.Err() != nil {
+		t.Fatal(r.Err())
+	}
+	unbind := filepath.Join(f.tree.SysfsRoot, "bus/pci/drivers/vfio-pci/unbind")
+	if err := os.WriteFile(unbind, []byte("0000:65:00.1"), 0); err != nil {
+		t.Fatal(err)
+	}
+	for f.tree.Driver("0000:65:00.1") != "" {
+		time.Sleep(time.Millisecond)
+	}
+	r := f.m.Unbind(context.Background(), f.plan(t, "", false, nil), vfio.UnbindOptions{})
+	if r.Err() != nil || r.Count(vfio.ActionUnbound) != 2 {
+		t.Fatalf("unbind: %+v", r.Outcomes)
+	}
+	f.wantDriver(t, "0000:65:00.1", "snd_hda_intel", "")
+	if entries, _ := os.ReadDir(f.stateDir); len(entries) != 0 {
+		t.Errorf("state dir still holds %d records", len(entries))
+	}
+}
+
+// A caller that gives up (a deadline, SIGTERM) in the middle of a group
+// whose audio function will not leave its driver still gets the group back
+// whole: the GPU returns to nvidia, no override is left behind, and the
+// outcomes say where each device really is.
+func TestCancelledBindRollsBackWholeGroup(t *testing.T) {
+	n := vfiotest.A10WithAudio()
+	n.Devices[1].RefuseUnbind = true
+	f := newFixture(t, n, vfio.WithTimeout(5*time.Second))
+	ctx, cancel := context.WithTimeout(context.Background(), 150*time.Millisecond)
+	defer cancel()
+	r, err := f.m.Bind(ctx, f.plan(t, "", false, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Err() == nil {
+		t.Fatal("bind succeeded")
+	}
+	f.wantDriver(t, "0000:65:00.0", "nvidia", "")
+	f.wantDriver(t, "0000:65:00.1", "snd_hda_intel", "")
+	for _, o := range r.Outcomes {
+		if o.Action != vfio.ActionFailed || o.To != f.tree.Driver(o.Address) {
+			t.Errorf("%s: %s to %q; want failed, to where it is (%q)", o.Address, o.Action, o.To, f.tree.Driver(o.Address))
+		}
+	}
+	if entries, _ := os.ReadDir(f.stateDir); len(entries) != 0 {
+		t.Errorf("state dir holds %d records after the rollback", len(entries))
+	}
+}
+
+func outcomeGroup(t *testing.T, f *fixture, addr string) int {
+	t.Helper()
+	d, err := f.m.Sysfs().Device(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d.IOMMUGroup
 }
 
 // A bind that died between unbind and probe left the device driverless; the
@@ -303,7 +472,7 @@ func TestBindResumesAfterCrash(t *testing.T) {
 	if r := f.bind(t, f.plan(t, "", false, nil)); r.Err() != nil {
 		t.Fatal(r.Err())
 	}
-	if r := f.m.Unbind(context.Background(), f.plan(t, "", false, nil)); r.Err() != nil {
+	if r := f.m.Unbind(context.Background(), f.plan(t, "", false, nil), vfio.UnbindOptions{}); r.Err() != nil {
 		t.Fatal(r.Err())
 	}
 	f.wantDriver(t, "0000:65:00.0", "nvidia", "")
@@ -390,7 +559,7 @@ func TestUnbindGivesBackToOverrideOnlyDriver(t *testing.T) {
 		t.Fatal(r.Err())
 	}
 	f.wantDriver(t, "0000:00:04.0", "vfio-pci", "vfio-pci")
-	if r := f.m.Unbind(context.Background(), f.plan(t, "1234:1111", false, nil)); r.Err() != nil {
+	if r := f.m.Unbind(context.Background(), f.plan(t, "1234:1111", false, nil), vfio.UnbindOptions{}); r.Err() != nil {
 		t.Fatal(r.Err())
 	}
 	f.wantDriver(t, "0000:00:04.0", "pci-stub", "")

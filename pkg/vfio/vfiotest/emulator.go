@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -30,6 +31,7 @@ type Emulator struct {
 	pending map[string]bool        // devices whose unbind is under way
 	after   map[string][]func()    // writes that wait for a device's unbind
 	fifos   []*os.File
+	writes  []string
 	errs    []error
 	closed  bool
 	wg      sync.WaitGroup
@@ -106,10 +108,24 @@ func (e *Emulator) serve(path string, handle func(string)) error {
 			if err != nil {
 				return
 			}
+			rel, _ := filepath.Rel(e.t.SysfsRoot, path)
+			e.mu.Lock()
+			e.writes = append(e.writes, rel+" "+strings.TrimSpace(string(buf[:n])))
+			e.mu.Unlock()
 			handle(string(buf[:n]))
 		}
 	}()
 	return nil
+}
+
+// Writes lists the writes the emulator has answered, in order, each as the
+// attribute's path under sysfs and the value: "bus/pci/drivers/vfio-pci/unbind
+// 0000:65:00.0". A test that must show nothing reached the kernel checks that
+// none was added.
+func (e *Emulator) Writes() []string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return slices.Clone(e.writes)
 }
 
 // Close stops the emulator and reports any error it met while answering.

@@ -23,10 +23,12 @@ const usage = `Usage: %[1]s [flags] COMMAND
 
 Commands:
   bind --all | --device-id BDF[,BDF...]    give devices and their IOMMU group mates to vfio
-  unbind --all | --device-id BDF[,BDF...]  give them back to the driver they had
-  status [--json]                          list the devices bind --all would touch
-  run                                      bind --all, mark ready, wait for SIGTERM, unbind
-  ready                                    exit 0 once run has marked itself ready (readiness probes)`
+  unbind --all | --device-id BDF[,BDF...]  give the devices this tool bound back to the driver they had;
+                                           a device a process holds (a running VM) is refused, naming it
+  status [--json]                          list the devices bind --all would touch, and who holds them
+  run                                      bind --all, mark ready, keep reconciling; stopping leaves
+                                           every binding in place (bindings are node state)
+  ready                                    exit 0 once run has marked itself ready in this boot (probes)`
 
 func main() {
 	os.Exit(cli.ExitCode(run()))
@@ -43,7 +45,11 @@ func run() error {
 	fs.StringVar(&cfg.SysfsRoot, "sysfs-root", vfio.DefaultSysfsRoot, "sysfs mount")
 	fs.StringVar(&cfg.DevRoot, "dev-root", vfio.DefaultDevRoot, "/dev of the host")
 	fs.StringVar(&cfg.StateDir, "state-dir", vfio.DefaultStateDir, "where the drivers devices had before binding are recorded")
+	fs.StringVar(&cfg.ProcRoot, "proc-root", vfio.DefaultProcRoot, "the host's /proc, whose processes' open files tell which devices are in use (run the container with hostPID)")
 	fs.StringVar(&cfg.ReadyFile, "ready-file", vfiomanager.DefaultReadyFile, "run: file written once every device is bound")
+	fs.StringVar(&cfg.HealthAddress, "health-address", "", "run: address for /healthz, /readyz and /metrics, e.g. :8083 (empty: none)")
+	fs.DurationVar(&cfg.ReconcileInterval, "reconcile-interval", vfiomanager.DefaultReconcileInterval, "run: how often the node is looked at again once all is bound")
+	fs.BoolVar(&cfg.Force, "force", false, "unbind: also take devices a process holds open, which pulls them out of a running VM (the kernel asks the VMM to let go and waits), and devices vfio-manager did not bind, which are left without a driver")
 	fs.StringVar(&cfg.Select, "select", vfio.DefaultSelect, "vendor[:device] hex ids to handle, comma separated; 10de means NVIDIA GPUs")
 	fs.BoolVar(&cfg.BindNVSwitches, "bind-nvswitches", false, "also bind NVIDIA NVSwitches")
 	fs.DurationVar(&cfg.Timeout, "timeout", vfio.DefaultTimeout, "how long one device may take to change driver")
@@ -55,6 +61,8 @@ func run() error {
 	for flag, env := range map[string]string{
 		"all": "ALL", "device-id": "DEVICE_ID", "host-root": "HOST_ROOT", "sysfs-root": "SYSFS_ROOT",
 		"dev-root": "DEV_ROOT", "state-dir": "STATE_DIR", "ready-file": "READY_FILE", "select": "VFIO_SELECT",
+		"proc-root": "PROC_ROOT", "health-address": "HEALTH_ADDRESS", "reconcile-interval": "RECONCILE_INTERVAL",
+		"force":           "FORCE",
 		"bind-nvswitches": "BIND_NVSWITCHES", "timeout": "VFIO_TIMEOUT", "dry-run": "DRY_RUN",
 		"load-modules": "LOAD_MODULES", "pci-ids": "PCI_IDS", "json": "JSON", "log-format": "LOG_FORMAT",
 		"log-level": "LOG_LEVEL",

@@ -8,22 +8,28 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/sirupsen/logrus"
 
-	"github.com/gpu-sandbox/gpu-sandbox/internal/atomicfile"
 	"github.com/gpu-sandbox/gpu-sandbox/internal/cli"
 	"github.com/gpu-sandbox/gpu-sandbox/internal/modprobe"
+	"github.com/gpu-sandbox/gpu-sandbox/internal/readiness"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
 )
 
-// DefaultReadyFile is written by "run" once every group is bound.
-const DefaultReadyFile = "/run/nvidia/vfio-manager/ready"
+// Defaults of the agent.
+const (
+	// DefaultReadyFile is written by "run" once every selected group is bound.
+	DefaultReadyFile = "/run/nvidia/vfio-manager/ready"
+	// DefaultReconcileInterval is how often "run" looks again for devices to bind.
+	DefaultReconcileInterval = 5 * time.Minute
+
+	// maxRetry bounds the backoff of groups that failed to bind.
+	maxRetry = 5 * time.Minute
+)
 
 // Config is everything the agent takes from its flags and environment.
 type Config struct {
@@ -32,17 +38,22 @@ type Config struct {
 	DeviceIDs []string // or these addresses
 	JSON      bool     // status as JSON
 
-	SysfsRoot      string
-	DevRoot        string
-	HostRoot       string
-	StateDir       string
-	ReadyFile      string
-	Select         string
-	BindNVSwitches bool
-	Timeout        time.Duration
-	DryRun         bool
-	LoadModules    bool
-	PCIIDs         string // pci.ids file; "" for the system's or the built-in one
+	SysfsRoot     string
+	DevRoot       string
+	HostRoot      string
+	StateDir      string
+	ProcRoot      string
+	ReadyFile     string
+	HealthAddress string // run: "" serves no HTTP
+	Force         bool   // unbind devices in use, and devices without a record
+	// ReconcileInterval is how often run looks again once all is bound.
+	ReconcileInterval time.Duration
+	Select            string
+	BindNVSwitches    bool
+	Timeout           time.Duration
+	DryRun            bool
+	LoadModules       bool
+	PCIIDs            string // pci.ids file; "" for the system's or the built-in one
 
 	Out io.Writer // results; logs go to Log
 	Log *logrus.Logger
@@ -61,10 +72,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	case "ready":
 		// For readiness probes in an image without a shell.
-		if _, err := os.Stat(cfg.ReadyFile); err != nil {
-			return fmt.Errorf("not ready: %w", err)
-		}
-		return nil
+		return readiness.Check(cfg.ReadyFile)
 	case "status", "run":
 		if len(cfg.DeviceIDs) > 0 {
 			return cli.Usagef("%s: --device-id does not apply; it works on every selected device", cfg.Command)
@@ -77,11 +85,15 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.Timeout <= 0 {
 		return cli.Usagef("--timeout %s: must be positive", cfg.Timeout)
 	}
+	if cfg.Command == "run" && cfg.ReconcileInterval <= 0 {
+		return cli.Usagef("--reconcile-interval %s: must be positive", cfg.ReconcileInterval)
+	}
 	opts := []vfio.Option{
 		vfio.WithSysfsRoot(cfg.SysfsRoot),
 		vfio.WithDevRoot(cfg.DevRoot),
 		vfio.WithHostRoot(cfg.HostRoot),
 		vfio.WithStateDir(cfg.StateDir),
+		vfio.WithProcRoot(cfg.ProcRoot),
 		vfio.WithTimeout(cfg.Timeout),
 		vfio.WithDryRun(cfg.DryRun),
 	}
@@ -90,6 +102,9 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	a := &agent{cfg: cfg, log: cfg.Log, m: vfio.NewManager(opts...), sel: sel}
 
+	if cfg.Command == "run" {
+		return a.run(ctx)
+	}
 	var addresses []string
 	if len(cfg.DeviceIDs) > 0 {
 		addresses = cfg.DeviceIDs
@@ -104,10 +119,8 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	case "unbind":
 		return a.unbind(plan)
-	case "status":
-		return a.status(plan)
 	}
-	return a.run(ctx, plan)
+	return a.status(plan)
 }
 
 type agent struct {
@@ -140,7 +153,9 @@ func (a *agent) plan(addresses []string) (*vfio.Plan, error) {
 
 func (a *agent) bind(ctx context.Context, plan *vfio.Plan) (*vfio.Result, error) {
 	if len(plan.Groups) == 0 {
-		fmt.Fprintf(a.cfg.Out, "no device matches selector %s\n", a.sel)
+		if a.cfg.Command != "run" {
+			fmt.Fprintf(a.cfg.Out, "no device matches selector %s\n", a.sel)
+		}
 		return &vfio.Result{}, nil
 	}
 	res, err := a.m.Bind(ctx, plan)
@@ -157,7 +172,7 @@ func (a *agent) bind(ctx context.Context, plan *vfio.Plan) (*vfio.Result, error)
 func (a *agent) unbind(plan *vfio.Plan) error {
 	// Unbinding runs to the end even when the agent is being stopped: a
 	// device left half-way helps nobody.
-	res := a.m.Unbind(context.Background(), plan)
+	res := a.m.Unbind(context.Background(), plan, vfio.UnbindOptions{Force: a.cfg.Force})
 	a.report("unbind", res)
 	if err := res.Err(); err != nil {
 		return fmt.Errorf("unbind: %s:\n%w", summary(res), err)
@@ -175,9 +190,14 @@ func (a *agent) report(op string, res *vfio.Result) {
 			entry.WithError(o.Err).Errorf("%s: %s", op, o.Action)
 		case o.Warning != "":
 			entry.Warnf("%s: %s: %s", op, o.Action, o.Warning)
+		case o.Action == vfio.ActionUnchanged:
+			entry.Debugf("%s: %s", op, o.Action)
 		default:
 			entry.Infof("%s: %s", op, o.Action)
 		}
+	}
+	if a.cfg.Command == "run" && res.Count(vfio.ActionUnchanged) == len(res.Outcomes) {
+		return // run looks again every few minutes; say so only when something changed
 	}
 	fmt.Fprintf(a.cfg.Out, "%s: %s\n", op, summary(res))
 }
@@ -185,7 +205,7 @@ func (a *agent) report(op string, res *vfio.Result) {
 func summary(res *vfio.Result) string {
 	var parts []string
 	for _, act := range []vfio.Action{vfio.ActionBound, vfio.ActionUnbound, vfio.ActionPlanned,
-		vfio.ActionUnchanged, vfio.ActionFailed, vfio.ActionSkipped} {
+		vfio.ActionUnchanged, vfio.ActionLeft, vfio.ActionRefused, vfio.ActionFailed, vfio.ActionSkipped} {
 		var addrs []string
 		for _, o := range res.Outcomes {
 			if o.Action == act {
@@ -214,10 +234,16 @@ type statusEntry struct {
 	IOMMUGroup int    `json:"iommuGroup"`
 	NUMANode   int    `json:"numaNode"`
 	VFIODevice string `json:"vfioDevice"`
+	// InUseBy names the processes holding the device's group open.
+	InUseBy []string `json:"inUseBy,omitempty"`
 }
 
 func (a *agent) status(plan *vfio.Plan) error {
 	names := vfio.NewNames(a.cfg.PCIIDs)
+	held, err := a.m.Holders(plan)
+	if err != nil {
+		a.log.WithError(err).Warn("cannot tell which devices are in use")
+	}
 	entries := []statusEntry{}
 	for _, m := range plan.Members() {
 		e := statusEntry{
@@ -229,6 +255,9 @@ func (a *agent) status(plan *vfio.Plan) error {
 			// The node's name for the group, whatever root this agent reads /dev under.
 			e.VFIODevice = fmt.Sprintf("/dev/vfio/%d", m.IOMMUGroup)
 		}
+		for _, h := range held[m.IOMMUGroup] {
+			e.InUseBy = append(e.InUseBy, fmt.Sprintf("%d (%s)", h.PID, h.Command))
+		}
 		entries = append(entries, e)
 	}
 	if a.cfg.JSON {
@@ -237,10 +266,10 @@ func (a *agent) status(plan *vfio.Plan) error {
 		return enc.Encode(entries)
 	}
 	w := tabwriter.NewWriter(a.cfg.Out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(w, "ADDRESS\tIDS\tROLE\tGROUP\tNUMA\tDRIVER\tVFIO\tNAME")
+	fmt.Fprintln(w, "ADDRESS\tIDS\tROLE\tGROUP\tNUMA\tDRIVER\tVFIO\tIN USE BY\tNAME")
 	for _, e := range entries {
-		fmt.Fprintf(w, "%s\t%s:%s\t%s\t%d\t%d\t%s\t%s\t%s\n", e.Address, e.Vendor, e.Device, e.Role,
-			e.IOMMUGroup, e.NUMANode, orDash(e.Driver), orDash(e.VFIODevice), e.Name)
+		fmt.Fprintf(w, "%s\t%s:%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\n", e.Address, e.Vendor, e.Device, e.Role,
+			e.IOMMUGroup, e.NUMANode, orDash(e.Driver), orDash(e.VFIODevice), orDash(strings.Join(e.InUseBy, ",")), e.Name)
 	}
 	for _, g := range plan.Groups {
 		if g.Err != nil {
@@ -255,43 +284,6 @@ func orDash(s string) string {
 		return "-"
 	}
 	return s
-}
-
-// run binds, marks the agent ready, waits for ctx to end (SIGTERM), then
-// gives back what it bound.
-func (a *agent) run(ctx context.Context, plan *vfio.Plan) error {
-	res, err := a.bind(ctx, plan)
-	if err != nil {
-		return err
-	}
-	if err := os.MkdirAll(filepath.Dir(a.cfg.ReadyFile), 0o755); err != nil {
-		return fmt.Errorf("mark ready: %w", err)
-	}
-	if err := atomicfile.WriteFile(a.cfg.ReadyFile, []byte("ready\n"), 0o644); err != nil {
-		return fmt.Errorf("mark ready: %w", err)
-	}
-	a.log.WithField("file", a.cfg.ReadyFile).Info("all selected devices are bound; ready")
-	<-ctx.Done()
-	a.log.Info("stopping: giving back the devices this run bound")
-	_ = atomicfile.Remove(a.cfg.ReadyFile)
-
-	bound := map[string]bool{}
-	for _, o := range res.Outcomes {
-		bound[o.Address] = o.Action == vfio.ActionBound
-	}
-	mine := &vfio.Plan{}
-	for _, g := range plan.Groups {
-		var members []vfio.Member
-		for _, m := range g.Members {
-			if bound[m.Address] {
-				members = append(members, m)
-			}
-		}
-		if len(members) > 0 {
-			mine.Groups = append(mine.Groups, &vfio.Group{ID: g.ID, Members: members})
-		}
-	}
-	return a.unbind(mine)
 }
 
 func unjoin(err error) []error {

@@ -2,7 +2,10 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -81,4 +84,22 @@ func dumpConfig(t testing.TB, config string) string {
 		t.Fatalf("containerd config dump: %v\n%s", err, out)
 	}
 	return string(out)
+}
+
+// freeAddr is a loopback address nobody listens on, for an agent's health server.
+func freeAddr(t testing.TB) string {
+	t.Helper()
+	return fmt.Sprintf("127.0.0.1:%d", freePort(t))
+}
+
+// httpGet returns a page's body, or "" while nothing answers.
+func httpGet(t testing.TB, url string) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		return ""
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
 }

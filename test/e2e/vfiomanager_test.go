@@ -2,16 +2,19 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio/vfiotest"
+	"github.com/gpu-sandbox/gpu-sandbox/test/e2e/testbed"
 )
 
 // node is a fake node with its emulator and the flags that point the
@@ -54,7 +57,8 @@ type statusEntry struct {
 	Driver     string `json:"driver"`
 	IOMMUGroup int    `json:"iommuGroup"`
 	NUMANode   int    `json:"numaNode"`
-	VFIODevice string `json:"vfioDevice"`
+	VFIODevice string   `json:"vfioDevice"`
+	InUseBy    []string `json:"inUseBy"`
 }
 
 func (n *node) status(t *testing.T, env ...string) []statusEntry {
@@ -80,7 +84,7 @@ func TestVFIOManagerBindStatusUnbindHGX(t *testing.T) {
 	}
 	want := statusEntry{Address: "0000:05:00.0", Vendor: "10de", Device: "22a3", Class: "0x068000",
 		Name: "GH100 [H100 NVSwitch]", Role: "nvswitch", Driver: "nvidia", IOMMUGroup: 40, NUMANode: 0}
-	if entries[0] != want {
+	if !reflect.DeepEqual(entries[0], want) {
 		t.Errorf("first entry %+v\nwant %+v", entries[0], want)
 	}
 	if e := entries[4]; e.Address != "0000:18:00.0" || e.Role != "gpu" || e.Name != "GH100 [H100 SXM5 80GB]" || e.Class != "0x030200" {
@@ -223,6 +227,9 @@ func TestVFIOManagerStuckDevice(t *testing.T) {
 	n.wantDriver(t, "0000:ba:00.0", "vfio-pci")
 }
 
+// Records lost or damaged: the devices are on vfio but nothing says
+// vfio-manager put them there, so unbind leaves them; --force takes them,
+// with no driver to give them to.
 func TestVFIOManagerUnbindWithCorruptState(t *testing.T) {
 	n := newNode(t, vfiotest.A10WithAudio())
 	if r := n.vfioManager(t, nil, "bind", "--all"); r.code != 0 {
@@ -235,56 +242,199 @@ func TestVFIOManagerUnbindWithCorruptState(t *testing.T) {
 		t.Fatal(err)
 	}
 	r := n.vfioManager(t, nil, "unbind", "--all")
-	if r.code != 0 {
+	if r.code != 0 || !strings.Contains(r.stdout, "2 left") {
 		t.Fatalf("unbind: %s", r)
 	}
-	if strings.Count(r.stderr, "level=warning") != 2 || !strings.Contains(r.stderr, "without a driver") {
+	if strings.Count(r.stderr, "level=warning") != 2 || !strings.Contains(r.stderr, "not bound by vfio-manager") {
 		t.Errorf("want a warning per device; stderr:\n%s", r.stderr)
+	}
+	n.wantDriver(t, "0000:65:00.0", "vfio-pci")
+	n.wantDriver(t, "0000:65:00.1", "vfio-pci")
+
+	r = n.vfioManager(t, nil, "unbind", "--all", "--force")
+	if r.code != 0 || !strings.Contains(r.stderr, "without a driver") {
+		t.Fatalf("unbind --force: %s", r)
 	}
 	n.wantDriver(t, "0000:65:00.0", "")
 	n.wantDriver(t, "0000:65:00.1", "")
 }
 
-func TestVFIOManagerRun(t *testing.T) {
-	n := newNode(t, vfiotest.A10WithAudio())
-	ready := filepath.Join(t.TempDir(), "ready")
-	cmd := exec.Command(filepath.Join(binDir, "vfio-manager"), append([]string{"run", "--ready-file", ready, "--log-format", "json"}, n.flags...)...)
-	cmd.Env = cleanEnv()
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
+// holdGroup starts a process that holds a node open, as QEMU holds
+// /dev/vfio/<group> for as long as the VM runs, and returns it.
+func holdGroup(t *testing.T, node string) *exec.Cmd {
+	t.Helper()
+	f, err := os.Open(node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close() // the child has its own copy
+	cmd := exec.Command("sleep", "600")
+	cmd.ExtraFiles = []*os.File{f}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return cmd
+}
+
+// startRun starts "vfio-manager run" and waits until it is ready.
+func (n *node) startRun(t *testing.T, ready string, args ...string) (*exec.Cmd, *testbed.Output) {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(binDir, "vfio-manager"), append(append([]string{"run", "--ready-file", ready, "--log-format", "json"}, n.flags...), args...)...)
+	cmd.Env = cleanEnv()
+	out := &testbed.Output{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { testbed.Stop(cmd) })
+	return cmd, out
+}
+
+func waitReady(t *testing.T, cmd *exec.Cmd, out *testbed.Output, ready string) {
+	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if _, err := os.Stat(ready); err == nil {
-			break
-		}
+	for run(t, "vfio-manager", nil, "ready", "--ready-file", ready).code != 0 {
 		if time.Now().After(deadline) {
-			cmd.Process.Kill()
-			cmd.Wait()
-			t.Fatalf("not ready after 10s:\n%s", stderr.String())
+			t.Fatalf("not ready after 10s:\n%s", out.String())
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	n.wantDriver(t, "0000:65:00.0", "vfio-pci")
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
+}
+
+// A DaemonSet rollout while a VM holds a GPU: the old process gets SIGTERM,
+// a new one starts. Nothing is unbound, the new process is ready without a
+// single write to the kernel, and an unbind of the held group is refused
+// naming the VM's process until --force.
+func TestVFIOManagerRolloutWithVMHoldingDevice(t *testing.T) {
+	n := newNode(t, vfiotest.HGXH100())
+	ready := filepath.Join(n.state, "ready")
+	cmd, out := n.startRun(t, ready)
+	waitReady(t, cmd, out, ready)
+	for _, addr := range vfiotest.HGXH100GPUs {
+		n.wantDriver(t, addr, "vfio-pci")
 	}
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("run after SIGTERM: %v\n%s", err, stderr.String())
+	vm := holdGroup(t, n.tree.GroupNode(21)) // 0000:2a:00.0
+
+	records := stateFiles(t, n.state)
+	writes := len(n.emu.Writes())
+	testbed.Stop(cmd)
+	if cmd.ProcessState.ExitCode() != 0 {
+		t.Fatalf("run after SIGTERM: exit %d\n%s", cmd.ProcessState.ExitCode(), out.String())
 	}
-	n.wantDriver(t, "0000:65:00.0", "nvidia")
-	n.wantDriver(t, "0000:65:00.1", "snd_hda_intel")
-	if _, err := os.Stat(ready); err == nil {
-		t.Error("ready file left after shutdown")
+	if run(t, "vfio-manager", nil, "ready", "--ready-file", ready).code == 0 {
+		t.Error("ready after the process stopped")
 	}
-	for _, line := range strings.Split(strings.TrimSpace(stderr.String()), "\n") {
-		var v map[string]any
-		if err := json.Unmarshal([]byte(line), &v); err != nil {
-			t.Errorf("--log-format json wrote a non-JSON line: %q", line)
+	cmd, out = n.startRun(t, ready)
+	waitReady(t, cmd, out, ready)
+	for _, addr := range vfiotest.HGXH100GPUs {
+		n.wantDriver(t, addr, "vfio-pci")
+	}
+	if got := n.emu.Writes()[writes:]; len(got) != 0 {
+		t.Errorf("the rollout wrote to the kernel: %v", got)
+	}
+	if got := stateFiles(t, n.state); !maps.Equal(got, records) {
+		t.Errorf("state records changed in the rollout:\n%v\nwant\n%v", got, records)
+	}
+
+	r := n.vfioManager(t, nil, "unbind", "--device-id", "0000:2a:00.0")
+	if r.code != 1 {
+		t.Fatalf("unbind of the held device: %s", r)
+	}
+	for _, want := range []string{fmt.Sprintf("pid %d (sleep)", vm.Process.Pid), "/dev/vfio/21", "in use", "--force"} {
+		if !strings.Contains(r.stderr, want) {
+			t.Errorf("refusal does not say %q:\n%s", want, r.stderr)
 		}
 	}
+	if got := n.emu.Writes()[writes:]; len(got) != 0 {
+		t.Errorf("a refused unbind wrote to the kernel: %v", got)
+	}
+	n.wantDriver(t, "0000:2a:00.0", "vfio-pci")
+	status := n.status(t)
+	for _, e := range status {
+		if held := e.Address == "0000:2a:00.0"; held != (len(e.InUseBy) == 1) {
+			t.Errorf("status of %s: in use by %v", e.Address, e.InUseBy)
+		}
+	}
+
+	if r := n.vfioManager(t, nil, "unbind", "--device-id", "0000:2a:00.0", "--force"); r.code != 0 {
+		t.Fatalf("unbind --force: %s", r)
+	}
+	n.wantDriver(t, "0000:2a:00.0", "nvidia")
+	if _, err := os.Stat(filepath.Join(n.state, "0000:2a:00.0.json")); err == nil {
+		t.Error("record kept after the forced unbind")
+	}
+}
+
+// A marker left by a process that was killed never counts for the next
+// one, and a marker from another boot never counts at all.
+func TestVFIOManagerReadyMarker(t *testing.T) {
+	spec := vfiotest.A10WithAudio()
+	spec.Devices = append(spec.Devices, vfiotest.Device{
+		Address: "0000:b1:00.0", Vendor: 0x10de, Device: 0x26b9, Class: 0x030200, // L40S that will not let go
+		Driver: "nvidia", IOMMUGroup: 70, NUMANode: 1, RefuseUnbind: true,
+	})
+	n := newNode(t, spec)
+	ready := filepath.Join(n.state, "ready")
+	cmd, out := n.startRun(t, ready, "--select", "10de:2236")
+	waitReady(t, cmd, out, ready)
+	cmd.Process.Kill()
+	cmd.Wait()
+	if _, err := os.Stat(ready); err != nil {
+		t.Fatalf("the killed process left no marker to test with: %v", err)
+	}
+
+	// The next process also selects the L40S, which cannot be bound: it
+	// must never look ready, however fast the probe comes.
+	addr := freeAddr(t)
+	cmd, out = n.startRun(t, ready, "--timeout", "200ms", "--health-address", addr)
+	deadline := time.Now().Add(10 * time.Second)
+	var body string
+	for !strings.Contains(body, "0000:b1:00.0") {
+		if time.Now().After(deadline) {
+			t.Fatalf("/readyz never named the failed group: %q\n%s", body, out.String())
+		}
+		if _, err := os.Stat(ready); err == nil && strings.Contains(out.String(), "msg") {
+			t.Fatal("the dead process's marker outlived the new process's start")
+		}
+		body = httpGet(t, "http://"+addr+"/readyz")
+		time.Sleep(10 * time.Millisecond)
+	}
+	if r := run(t, "vfio-manager", nil, "ready", "--ready-file", ready); r.code != 1 {
+		t.Errorf("ready while a group is not bound: %s", r)
+	}
+	n.wantDriver(t, "0000:65:00.0", "vfio-pci") // the others stay bound
+	metrics := httpGet(t, "http://"+addr+"/metrics")
+	if !strings.Contains(metrics, `gpu_sandbox_vfio_groups{state="failed"} 1`) || !strings.Contains(metrics, "gpu_sandbox_vfio_ready 0") {
+		t.Errorf("metrics do not show the failed group:\n%s", metrics)
+	}
+	if cmd.ProcessState != nil {
+		t.Fatalf("run exited although only one group failed:\n%s", out.String())
+	}
+
+	os.WriteFile(ready, []byte("boot_id=00000000-0000-0000-0000-000000000000\npid=1\n"), 0o644)
+	if r := run(t, "vfio-manager", nil, "ready", "--ready-file", ready); r.code != 1 || !strings.Contains(r.stderr, "another boot") {
+		t.Errorf("a marker from another boot counted: %s", r)
+	}
+}
+
+// stateFiles maps each file of the state dir to its content and mtime.
+func stateFiles(t *testing.T, dir string) map[string]string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for _, e := range entries {
+		if e.Name() == "ready" {
+			continue
+		}
+		info, _ := e.Info()
+		b, _ := os.ReadFile(filepath.Join(dir, e.Name()))
+		out[e.Name()] = fmt.Sprintf("%s@%d", b, info.ModTime().UnixNano())
+	}
+	return out
 }
 
 func TestVersion(t *testing.T) {

@@ -99,7 +99,7 @@ type plugin struct {
 	log   *logrus.Logger
 	sysfs *vfio.Sysfs
 	sel   vfio.Selector
-	namer namer
+	namer *namer
 	cdi   *cdi.Writer
 	m     *metrics
 
@@ -145,7 +145,7 @@ func newPlugin(cfg Config) (*plugin, error) {
 	}
 	p := &plugin{
 		cfg: cfg, log: cfg.Log, sysfs: vfio.NewSysfs(cfg.SysfsRoot), sel: sel, cdi: w, m: newMetrics(),
-		namer:   namer{names: vfio.NewNames(cfg.PCIIDs), gpuAlias: cfg.GPUAlias, nvswitchAlias: cfg.NVSwitchAlias},
+		namer:   newNamer(cfg.PCIIDs, cfg.GPUAlias, cfg.NVSwitchAlias),
 		known:   map[string]*device{},
 		servers: map[string]*running{},
 		written: map[string]bool{},
@@ -300,6 +300,7 @@ func (p *plugin) scan(ctx context.Context) {
 		d.NUMA, d.Path, d.Nodes, d.hostNodes, d.Funcs, d.Healthy, d.Present, d.passthru =
 			pt.NUMANode(), pt.Primary.Path, nodes, hostNodes, funcs, healthy, true, pt
 	}
+	p.namer.forget()
 	for id, d := range p.known {
 		if !present[id] {
 			p.logHealth(d, false, false, d.Healthy)

@@ -21,7 +21,6 @@ import (
 	"time"
 
 	"github.com/fsnotify/fsnotify"
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 	specs "tags.cncf.io/container-device-interface/specs-go"
@@ -477,7 +476,7 @@ func (p *plugin) onEvent(e deviceplugin.Event) {
 	entry := p.log.WithField("resource", e.Resource)
 	switch e.Type {
 	case deviceplugin.EventRegistered:
-		p.m.registrations.WithLabelValues(e.Resource).Inc()
+		p.m.registered(e.Resource)
 		entry.Info("registered with the kubelet")
 	case deviceplugin.EventRegisterFailed, deviceplugin.EventServeFailed:
 		entry.WithError(e.Err).Warnf("%s; retrying", e.Type)
@@ -593,13 +592,13 @@ func (p *plugin) notReady() string {
 type allocator struct {
 	p        *plugin
 	resource string
-	env      string             // PCI_RESOURCE_NVIDIA_COM_<NAME>
-	count    prometheus.Counter // allocations of this resource
+	env      string         // PCI_RESOURCE_NVIDIA_COM_<NAME>
+	count    *atomic.Uint64 // allocations of this resource
 }
 
 func newAllocator(p *plugin, resource string) *allocator {
 	return &allocator{p: p, resource: resource, env: envName(resource),
-		count: p.m.allocations.WithLabelValues(resource)}
+		count: p.m.allocated(resource)}
 }
 
 func (a *allocator) Allocate(_ context.Context, ids []string) (*pluginapi.ContainerAllocateResponse, error) {
@@ -618,7 +617,7 @@ func (a *allocator) Allocate(_ context.Context, ids []string) (*pluginapi.Contai
 	common := vfio.CommonDevicePath(snap.mode)
 	resp.Devices = append(resp.Devices, &pluginapi.DeviceSpec{ContainerPath: common, HostPath: common, Permissions: "mrw"})
 	resp.Envs[a.env] = strings.Join(ids, ",")
-	a.count.Inc()
+	a.count.Add(1)
 	return resp, nil
 }
 

@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"runtime/debug"
 	"slices"
 	"strings"
@@ -340,11 +341,31 @@ func (p *plugin) nodeEvent(ctx context.Context, ev fsnotify.Event) {
 		d.Healthy = !gone
 		resources[d.Resource] = true
 	}
+	if gone {
+		// Bad news with nothing before it: the lists the kubelet sees
+		// change first, and their streams send before the bookkeeping
+		// below (snapshot, metrics, logs) takes the processor.
+		for resource := range resources {
+			p.server(ctx, resource).SetDevices(p.list(resource))
+		}
+		runtime.Gosched()
+	}
 	p.publish(ctx, p.state.Load().mode, resources, !gone)
 	// Logged once the kubelet has the news, not before.
 	for _, d := range changed {
 		p.logHealth(d, !gone, true, gone)
 	}
+}
+
+// list is what the kubelet is to see of resource as p.known says it.
+func (p *plugin) list(resource string) []deviceplugin.Device {
+	var l []deviceplugin.Device
+	for id, d := range p.known {
+		if d.Resource == resource {
+			l = append(l, deviceplugin.Device{ID: id, Healthy: d.Healthy, NUMANode: d.NUMA})
+		}
+	}
+	return l
 }
 
 // names reports whether path is one of the device's nodes or a directory

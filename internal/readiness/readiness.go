@@ -16,22 +16,11 @@ import (
 	"strings"
 
 	"github.com/gpu-sandbox/gpu-sandbox/internal/atomicfile"
+	"github.com/gpu-sandbox/gpu-sandbox/internal/boot"
 )
-
-// bootIDFile is the kernel's random identity of the running boot.
-const bootIDFile = "/proc/sys/kernel/random/boot_id"
 
 // ErrNotReady means the marker is missing or does not count.
 var ErrNotReady = errors.New("not ready")
-
-// BootID returns the identity of the running boot.
-func BootID() (string, error) {
-	b, err := os.ReadFile(bootIDFile)
-	if err != nil {
-		return "", fmt.Errorf("read boot id: %w", err)
-	}
-	return strings.TrimSpace(string(b)), nil
-}
 
 // Clear removes the marker and what a write of it that died left behind.
 func Clear(path string) error {
@@ -41,14 +30,14 @@ func Clear(path string) error {
 
 // Mark writes the marker: this boot's identity and this process's PID.
 func Mark(path string) error {
-	boot, err := BootID()
+	id, err := boot.ID()
 	if err != nil {
 		return fmt.Errorf("mark ready %q: %w", path, err)
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return fmt.Errorf("mark ready: %w", err)
 	}
-	body := fmt.Sprintf("boot_id=%s\npid=%d\n", boot, os.Getpid())
+	body := fmt.Sprintf("boot_id=%s\npid=%d\n", id, os.Getpid())
 	if err := atomicfile.WriteFile(path, []byte(body), 0o644); err != nil {
 		return fmt.Errorf("mark ready: %w", err)
 	}
@@ -61,7 +50,7 @@ func Check(path string) error {
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrNotReady, err)
 	}
-	boot, err := BootID()
+	id, err := boot.ID()
 	if err != nil {
 		return err
 	}
@@ -72,8 +61,8 @@ func Check(path string) error {
 			fields[k] = v
 		}
 	}
-	if fields["boot_id"] != boot {
-		return fmt.Errorf("%w: %q was written in another boot (%q, this one is %q)", ErrNotReady, path, fields["boot_id"], boot)
+	if fields["boot_id"] != id {
+		return fmt.Errorf("%w: %q was written in another boot (%q, this one is %q)", ErrNotReady, path, fields["boot_id"], id)
 	}
 	if _, err := strconv.Atoi(fields["pid"]); err != nil {
 		return fmt.Errorf("%w: %q is not a readiness marker", ErrNotReady, path)

@@ -21,6 +21,12 @@ var (
 	// ErrInvalidConfig means a containerd configuration is not TOML that
 	// containerd would load; nothing was changed.
 	ErrInvalidConfig = errors.New("invalid containerd configuration")
+	// ErrRuntimeExists means a runtime of the name to add is already defined
+	// by someone else (an administrator, kata-deploy); it is not replaced.
+	ErrRuntimeExists = errors.New("runtime already defined")
+	// ErrNotReachable means no containerd process could be found behind its
+	// socket: nothing serves it, or the agent cannot see the server's PID.
+	ErrNotReachable = errors.New("containerd cannot be reached")
 	// ErrNotAnswering means containerd did not answer on its socket in time.
 	ErrNotAnswering = errors.New("containerd is not answering")
 )
@@ -84,7 +90,7 @@ func (c *Config) Version() int {
 
 // CRIPlugin is the table that holds runtimes and CDI settings: "cri" in
 // version 1 files, "io.containerd.grpc.v1.cri" in version 2 (containerd 1.x),
-// "io.containerd.cri.v1.runtime" in version 3 (containerd 2.x).
+// "io.containerd.cri.v1.runtime" in version 3 and later (containerd 2.x).
 func (c *Config) CRIPlugin() (string, error) {
 	return criPlugin(c.Version())
 }
@@ -95,10 +101,11 @@ func criPlugin(version int) (string, error) {
 		return "cri", nil
 	case 2:
 		return "io.containerd.grpc.v1.cri", nil
-	case 3:
+	}
+	if version >= 3 {
 		return "io.containerd.cri.v1.runtime", nil
 	}
-	return "", fmt.Errorf("%w: version %d is not one of 1, 2, 3", ErrInvalidConfig, version)
+	return "", fmt.Errorf("%w: version %d is not 1 or later", ErrInvalidConfig, version)
 }
 
 // Imports lists the files the configuration imports.

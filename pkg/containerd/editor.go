@@ -10,7 +10,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"reflect"
 	"slices"
 
 	"github.com/pelletier/go-toml/v2"
@@ -45,11 +44,13 @@ type Settings struct {
 // a drop-in file that the main configuration imports, or in the main
 // configuration itself.
 //
-// Every write is atomic. The first change keeps a copy of the original
-// (<config>.gpu-sandbox.bak) and a record of what was changed
-// (<config>.gpu-sandbox.json); Revert uses them to give back the
-// administrator's file: byte for byte on the drop-in route when nobody else
-// changed it since, and otherwise with every foreign setting untouched.
+// The main configuration is the administrator's: it is edited as text, each
+// added line marked (see text.go), so that Revert takes out exactly what was
+// added from the file as it is then, keeping every byte the administrator
+// wrote since, even next to our lines. Every write is atomic. Before each
+// write of the main configuration, the administrator's version of it (the
+// file without our entries) is kept in <config>.gpu-sandbox.bak, for them:
+// nothing restores it. What was done is recorded in <config>.gpu-sandbox.json.
 type Editor struct {
 	config string
 	dropIn string
@@ -63,24 +64,15 @@ func NewEditor(configPath, dropInPath string) *Editor {
 
 // state is what the Editor changed, kept beside the configuration.
 type state struct {
-	Route       string `json:"route"` // "drop-in" or "in-place"
-	DropIn      string `json:"dropIn,omitempty"`
-	MainExisted bool   `json:"mainExisted"`
+	Route  string `json:"route"`            // "drop-in" or "in-place"
+	DropIn string `json:"dropIn,omitempty"` // the drop-in the main file imports
+	// Created is set while the main configuration is a file this package
+	// created and nobody else has written since: Revert removes it.
+	Created bool `json:"created,omitempty"`
 	// MainWritten is the SHA-256 of the main configuration as last written.
 	MainWritten string `json:"mainWritten"`
-	// Added lists the keys set in place, with what they held before.
-	Added []change `json:"added,omitempty"`
-}
-
-type change struct {
-	Path    []string `json:"path"`
-	Existed bool     `json:"existed"`
-	// Previous is the replaced value as a TOML document "v = ...", so that
-	// integers and tables come back with their TOML types.
-	Previous string `json:"previous,omitempty"`
-	// Created is how many of the tables leading to the key did not exist
-	// (the innermost ones): they go again when empty.
-	Created int `json:"created,omitempty"`
+	// Changed is when a file was last changed, on the boot clock.
+	Changed *Stamp `json:"changed,omitempty"`
 }
 
 func (e *Editor) statePath() string { return e.config + ".gpu-sandbox.json" }
@@ -115,7 +107,19 @@ func (e *Editor) saveState(s *state) error {
 	if err != nil {
 		return err
 	}
-	return atomicfile.WriteFile(e.statePath(), append(b, '\n'), 0o600)
+	_, err = atomicfile.WriteFileIfChanged(e.statePath(), append(b, '\n'), 0o600)
+	return err
+}
+
+// LastChange reports when this package last changed a file of containerd's
+// configuration (Apply or Revert), and false when it never did: a
+// containerd that started before it runs without the change.
+func (e *Editor) LastChange() (Stamp, bool) {
+	st, err := e.loadState()
+	if err != nil || st == nil || st.Changed == nil {
+		return Stamp{}, false
+	}
+	return *st.Changed, true
 }
 
 func digestOf(b []byte) string {
@@ -123,9 +127,22 @@ func digestOf(b []byte) string {
 	return hex.EncodeToString(sum[:])
 }
 
+// ours lists the drop-ins whose imports entries this package added.
+func (e *Editor) ours(st *state) []string {
+	var out []string
+	for _, p := range []string{e.dropIn, st.DropIn} {
+		if p != "" && !slices.Contains(out, p) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
 // Apply makes the configuration hold exactly these settings: entries of
 // earlier Applies that are no longer wanted go. It reports whether a file
-// changed, which means containerd must be restarted to see it.
+// changed, which means containerd must be restarted to see it. A runtime
+// of the same name that someone else defined in the main configuration is
+// not replaced (ErrRuntimeExists).
 func (e *Editor) Apply(s Settings) (bool, error) {
 	e.removeTemps()
 	cfg, err := Load(e.config)
@@ -137,12 +154,136 @@ func (e *Editor) Apply(s Settings) (bool, error) {
 		return false, err
 	}
 	if st == nil {
-		st = &state{MainExisted: cfg.Raw != nil}
+		st = &state{}
 	}
+	if cfg.Raw != nil && digestOf(cfg.Raw) != st.MainWritten {
+		st.Created = false // someone else wrote the file since: it is theirs
+	}
+	base, err := strip(cfg.Raw, e.ours(st))
+	if err != nil {
+		return false, fmt.Errorf("%w %q: %w", ErrInvalidConfig, e.config, err)
+	}
+	baseTree, err := parse(base)
+	if err != nil {
+		return false, fmt.Errorf("%w %q: %w", ErrInvalidConfig, e.config, err)
+	}
+	admin := &Config{Path: e.config, Raw: base, tree: baseTree}
+	version := admin.Version()
+	plugin, err := criPlugin(version)
+	if err != nil {
+		return false, err
+	}
+	for _, r := range s.Runtimes {
+		if admin.Runtime(r.Name) != nil {
+			return false, fmt.Errorf("%w: runtime %q is already defined in %q, not by gpu-sandbox: remove it or give the runtime class another name",
+				ErrRuntimeExists, r.Name, e.config)
+		}
+	}
+
+	changed := false
+	var main []byte
 	if e.dropIn == "" {
-		return e.applyInPlace(cfg, st, s)
+		st.Route = "in-place"
+		if main, err = addInPlace(base, plugin, s); err != nil {
+			return false, fmt.Errorf("edit containerd config %q: %w", e.config, err)
+		}
+	} else {
+		st.Route = "drop-in"
+		body, err := dropInBody(admin, version, plugin, s, e.config)
+		if err != nil {
+			return false, fmt.Errorf("write containerd drop-in %q: %w", e.dropIn, err)
+		}
+		if main, err = addImport(base, e.dropIn); err != nil {
+			return false, fmt.Errorf("edit containerd config %q: %w", e.config, err)
+		}
+		if err := os.MkdirAll(filepath.Dir(e.dropIn), 0o755); err != nil {
+			return false, fmt.Errorf("write containerd drop-in: %w", err)
+		}
+		// The drop-in first: an import of a missing file would stop containerd.
+		if changed, err = atomicfile.WriteFileIfChanged(e.dropIn, body, 0o644); err != nil {
+			return false, err
+		}
+		if changed {
+			st.Changed = now()
+		}
 	}
-	return e.applyDropIn(cfg, st, s)
+	if cfg.Raw == nil || !bytes.Equal(main, cfg.Raw) {
+		if err := e.writeMain(cfg, st, base, main); err != nil {
+			return changed, err
+		}
+		changed = true
+	}
+	if old := st.DropIn; old != "" && old != e.dropIn {
+		// The route changed: the old drop-in is no longer imported.
+		if err := atomicfile.Remove(old); err != nil {
+			return changed, err
+		}
+	}
+	st.DropIn = e.dropIn
+	return changed, e.saveState(st)
+}
+
+// dropInBody is the drop-in's content: the settings under the CRI plugin's
+// table. containerd 1.x replaces a plugin's table wholesale with an imported
+// one, so for schema 1 and 2 it carries a copy of the main file's table;
+// containerd 2.x merges imported tables into the main ones.
+func dropInBody(admin *Config, version int, plugin string, s Settings, mainPath string) ([]byte, error) {
+	var cri map[string]any
+	if version >= 3 {
+		cri = map[string]any{}
+	} else {
+		cri, _ = deepCopy(lookup(admin.tree, "plugins", plugin)).(map[string]any)
+		if cri == nil {
+			cri = map[string]any{}
+		}
+		runtimes := table(cri, "containerd", "runtimes")
+		if name, t := defaultRuntime(cri); t != nil && runtimes[name] == nil {
+			runtimes[name] = t
+		}
+	}
+	for _, r := range s.Runtimes {
+		table(cri, "containerd", "runtimes")[r.Name] = runtimeTable(r)
+	}
+	if s.CDISpecDirs != nil {
+		cri["enable_cdi"] = true
+		cri["cdi_spec_dirs"] = s.CDISpecDirs
+	}
+	body, err := toml.Marshal(map[string]any{"version": version, "plugins": map[string]any{plugin: cri}})
+	if err != nil {
+		return nil, err
+	}
+	return append([]byte("# Written by gpu-sandbox kata-manager; kata-manager uninstall removes it.\n"+
+		"# It is regenerated from "+mainPath+" on every reconcile: edit that file instead.\n"), body...), nil
+}
+
+// writeMain replaces the main configuration, keeping the administrator's
+// version of it (without our entries) beside it first.
+func (e *Editor) writeMain(cfg *Config, st *state, base, main []byte) error {
+	if cfg.Raw == nil {
+		st.Created = true
+	} else if old, err := os.ReadFile(e.backupPath()); err != nil || !bytes.Equal(old, base) {
+		if err := atomicfile.WriteFile(e.backupPath(), base, 0o600); err != nil {
+			return err
+		}
+	}
+	// The record goes first, so that a crash after the write still knows
+	// the file was changed.
+	st.MainWritten = digestOf(main)
+	st.Changed = now()
+	if err := e.saveState(st); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(e.config), 0o755); err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(e.config, main, mode(e.config, 0o644))
+}
+
+func mode(path string, def fs.FileMode) fs.FileMode {
+	if fi, err := os.Stat(path); err == nil {
+		return fi.Mode().Perm()
+	}
+	return def
 }
 
 func runtimeTable(r Runtime) map[string]any {
@@ -178,207 +319,10 @@ func defaultRuntime(cri map[string]any) (string, map[string]any) {
 	return name, map[string]any{"runtime_type": "io.containerd.runc.v2"}
 }
 
-func (e *Editor) applyDropIn(cfg *Config, st *state, s Settings) (bool, error) {
-	version := cfg.Version()
-	plugin, err := criPlugin(version)
-	if err != nil {
-		return false, err
-	}
-	var cri map[string]any
-	if version == 3 {
-		// containerd 2.x merges imported tables into the main ones.
-		cri = map[string]any{}
-	} else {
-		// containerd 1.x replaces a plugin's table wholesale with an
-		// imported one: the drop-in carries a copy of the main table.
-		cri, _ = deepCopy(lookup(cfg.tree, "plugins", plugin)).(map[string]any)
-		if cri == nil {
-			cri = map[string]any{}
-		}
-		runtimes := table(cri, "containerd", "runtimes")
-		if name, t := defaultRuntime(cri); t != nil && runtimes[name] == nil {
-			runtimes[name] = t
-		}
-	}
-	for _, r := range s.Runtimes {
-		table(cri, "containerd", "runtimes")[r.Name] = runtimeTable(r)
-	}
-	if s.CDISpecDirs != nil {
-		cri["enable_cdi"] = true
-		cri["cdi_spec_dirs"] = s.CDISpecDirs
-	}
-	body, err := toml.Marshal(map[string]any{"version": version, "plugins": map[string]any{plugin: cri}})
-	if err != nil {
-		return false, fmt.Errorf("write containerd drop-in %q: %w", e.dropIn, err)
-	}
-	dropIn := append([]byte("# Written by gpu-sandbox kata-manager, which removes it when it stops.\n"+
-		"# It is regenerated from "+e.config+" on every reconcile: edit that file instead.\n"), body...)
-
-	main, err := addImport(cfg.Raw, e.dropIn, cfg.Empty())
-	if err != nil {
-		return false, err
-	}
-	if err := os.MkdirAll(filepath.Dir(e.dropIn), 0o755); err != nil {
-		return false, fmt.Errorf("write containerd drop-in: %w", err)
-	}
-	// The drop-in first: an import of a missing file would stop containerd.
-	changed, err := atomicfile.WriteFileIfChanged(e.dropIn, dropIn, 0o644)
-	if err != nil {
-		return false, err
-	}
-	st.Route, st.DropIn = "drop-in", e.dropIn
-	if !bytes.Equal(main, cfg.Raw) || cfg.Raw == nil {
-		if err := e.writeMain(cfg, st, main); err != nil {
-			return changed, err
-		}
-		changed = true
-	} else if st.MainWritten == "" {
-		st.MainWritten = digestOf(main)
-	}
-	return changed, e.saveState(st)
-}
-
-// writeMain replaces the main configuration, keeping the original first.
-func (e *Editor) writeMain(cfg *Config, st *state, main []byte) error {
-	if cfg.Raw != nil {
-		if _, err := os.Stat(e.backupPath()); errors.Is(err, fs.ErrNotExist) {
-			if err := atomicfile.WriteFile(e.backupPath(), cfg.Raw, 0o600); err != nil {
-				return err
-			}
-		}
-	}
-	// The record goes first, so that a crash after the write still knows
-	// the file was changed and how to give it back.
-	st.MainWritten = digestOf(main)
-	if err := e.saveState(st); err != nil {
-		return err
-	}
-	if err := os.MkdirAll(filepath.Dir(e.config), 0o755); err != nil {
-		return err
-	}
-	return atomicfile.WriteFile(e.config, main, mode(e.config, 0o644))
-}
-
-func mode(path string, def fs.FileMode) fs.FileMode {
-	if fi, err := os.Stat(path); err == nil {
-		return fi.Mode().Perm()
-	}
-	return def
-}
-
-func (e *Editor) applyInPlace(cfg *Config, st *state, s Settings) (bool, error) {
-	version := cfg.Version()
-	plugin, err := criPlugin(version)
-	if err != nil {
-		return false, err
-	}
-	tree := deepCopy(cfg.tree).(map[string]any)
-	if cfg.Empty() {
-		tree["version"] = int64(version)
-	}
-	want := map[string]any{}
-	for _, r := range s.Runtimes {
-		want[r.Name] = runtimeTable(r)
-	}
-	base := []string{"plugins", plugin}
-	set := func(path []string, v any) {
-		if !slices.ContainsFunc(st.Added, func(c change) bool { return slices.Equal(c.Path, path) }) {
-			c := change{Path: path}
-			for i := len(path) - 1; i > 0 && lookup(tree, path[:i]...) == nil; i-- {
-				c.Created++
-			}
-			if prev := lookup(tree, path...); prev != nil {
-				b, _ := toml.Marshal(map[string]any{"v": prev})
-				c.Existed, c.Previous = true, string(b)
-			}
-			st.Added = append(st.Added, c)
-		}
-		table(tree, path[:len(path)-1]...)[path[len(path)-1]] = v
-	}
-	// Entries set earlier but no longer wanted get back what they replaced.
-	var keep []change
-	for _, c := range st.Added {
-		name := c.Path[len(c.Path)-1]
-		isRuntime := len(c.Path) == 5 && c.Path[3] == "runtimes"
-		unwanted := want[name] == nil && (!c.isDefaultRuntime() || len(want) == 0)
-		if (isRuntime && unwanted) || (!isRuntime && s.CDISpecDirs == nil) {
-			restore(tree, c)
-			continue
-		}
-		keep = append(keep, c)
-	}
-	st.Added = keep
-	runtimes := append(slices.Clone(base), "containerd", "runtimes")
-	if len(want) > 0 {
-		cri, _ := lookup(tree, base...).(map[string]any)
-		if name, t := defaultRuntime(cri); t != nil && lookup(tree, append(slices.Clone(runtimes), name)...) == nil {
-			set(append(slices.Clone(runtimes), name), t)
-		}
-	}
-	for _, name := range sortedNames(want) {
-		set(append(slices.Clone(runtimes), name), want[name])
-	}
-	if s.CDISpecDirs != nil {
-		set(append(slices.Clone(base), "enable_cdi"), true)
-		set(append(slices.Clone(base), "cdi_spec_dirs"), s.CDISpecDirs)
-	}
-	out, err := toml.Marshal(tree)
-	if err != nil {
-		return false, fmt.Errorf("write containerd config %q: %w", e.config, err)
-	}
-	st.Route = "in-place"
-	if cfg.Raw != nil && equalTrees(out, cfg.Raw) {
-		return false, e.saveState(st)
-	}
-	if err := e.writeMain(cfg, st, out); err != nil {
-		return false, err
-	}
-	return true, nil
-}
-
-func (c change) isDefaultRuntime() bool {
-	return c.Path[len(c.Path)-1] == "runc" && !c.Existed
-}
-
-func sortedNames(m map[string]any) []string {
-	names := make([]string, 0, len(m))
-	for k := range m {
-		names = append(names, k)
-	}
-	slices.Sort(names)
-	return names
-}
-
-// restore puts back what a key held before this package set it.
-func restore(tree map[string]any, c change) {
-	parent, ok := lookup(tree, c.Path[:len(c.Path)-1]...).(map[string]any)
-	if !ok {
-		return
-	}
-	var prev map[string]any
-	if c.Existed && toml.Unmarshal([]byte(c.Previous), &prev) == nil {
-		parent[c.Path[len(c.Path)-1]] = prev["v"]
-		return
-	}
-	delete(parent, c.Path[len(c.Path)-1])
-	for i := len(c.Path) - 1; i > len(c.Path)-1-c.Created; i-- {
-		t, ok := lookup(tree, c.Path[:i]...).(map[string]any)
-		if !ok || len(t) > 0 {
-			return
-		}
-		delete(lookup(tree, c.Path[:i-1]...).(map[string]any), c.Path[i-1])
-	}
-}
-
-// equalTrees reports whether two TOML documents hold the same settings.
-func equalTrees(a, b []byte) bool {
-	ta, erra := parse(a)
-	tb, errb := parse(b)
-	return erra == nil && errb == nil && reflect.DeepEqual(ta, tb)
-}
-
-// Revert removes every setting Apply made and gives back the original
-// configuration. It reports whether a file changed.
+// Revert takes out every entry Apply added, from the configuration as it
+// is now: lines the administrator added or changed since stay as they are.
+// A main configuration this package created, and nobody changed since, is
+// removed. It reports whether a file changed.
 func (e *Editor) Revert() (bool, error) {
 	e.removeTemps()
 	st, err := e.loadState()
@@ -390,64 +334,43 @@ func (e *Editor) Revert() (bool, error) {
 		return false, fmt.Errorf("read containerd config %q: %w", e.config, err)
 	}
 	changed := false
-	switch st.Route {
-	case "drop-in":
-		// The import goes first: containerd refuses a configuration whose
-		// imported file is missing, so the drop-in may only go after it.
-		if err := e.restoreMain(st, raw, func() ([]byte, error) { return removeImport(raw, st.DropIn), nil }); err != nil {
+	var final []byte
+	switch {
+	case raw == nil:
+	case st.Created && digestOf(raw) == st.MainWritten:
+		if err := atomicfile.Remove(e.config); err != nil {
 			return false, err
 		}
 		changed = true
+	default:
+		// The import goes first: containerd refuses a configuration whose
+		// imported file is missing, so the drop-in may only go after it.
+		base, err := strip(raw, e.ours(st))
+		if err != nil {
+			return false, fmt.Errorf("%w %q: %w", ErrInvalidConfig, e.config, err)
+		}
+		if !bytes.Equal(base, raw) {
+			if err := atomicfile.WriteFile(e.config, base, mode(e.config, 0o644)); err != nil {
+				return false, err
+			}
+			changed = true
+		}
+		final = base
+	}
+	if st.DropIn != "" {
+		if _, err := os.Stat(st.DropIn); err == nil {
+			changed = true
+		}
 		if err := atomicfile.Remove(st.DropIn); err != nil {
 			return changed, err
 		}
-	case "in-place":
-		err := e.restoreMain(st, raw, func() ([]byte, error) {
-			tree, err := parse(raw)
-			if err != nil {
-				return nil, fmt.Errorf("%w %q: %w", ErrInvalidConfig, e.config, err)
-			}
-			for i := len(st.Added) - 1; i >= 0; i-- {
-				restore(tree, st.Added[i])
-			}
-			return toml.Marshal(tree)
-		})
-		if err != nil {
-			return changed, err
-		}
-		changed = true
 	}
 	if err := atomicfile.Remove(e.statePath()); err != nil {
 		return changed, err
 	}
-	return changed, atomicfile.Remove(e.backupPath())
-}
-
-// restoreMain gives back the original main configuration: the saved bytes
-// when the file is still what this package wrote, or else the current file
-// with this package's changes undone.
-func (e *Editor) restoreMain(st *state, raw []byte, undo func() ([]byte, error)) error {
-	if raw != nil && digestOf(raw) == st.MainWritten {
-		if !st.MainExisted {
-			return atomicfile.Remove(e.config)
-		}
-		orig, err := os.ReadFile(e.backupPath())
-		if err == nil {
-			return atomicfile.WriteFile(e.config, orig, mode(e.config, 0o644))
-		}
-		if !errors.Is(err, fs.ErrNotExist) {
-			return err
-		}
+	// The backup stays while it holds something the file does not.
+	if b, err := os.ReadFile(e.backupPath()); err == nil && (final == nil || bytes.Equal(b, final)) {
+		return changed, atomicfile.Remove(e.backupPath())
 	}
-	if raw == nil {
-		return nil
-	}
-	out, err := undo()
-	if err != nil {
-		return err
-	}
-	if bytes.Equal(out, raw) {
-		return nil
-	}
-	return atomicfile.WriteFile(e.config, out, mode(e.config, 0o644))
+	return changed, nil
 }

@@ -78,6 +78,8 @@ func get(m map[string]any, keys ...string) any {
 	return cur
 }
 
+// leftovers checks what a Revert that gave back the administrator's file
+// byte for byte leaves: neither the record nor a backup identical to it.
 func leftovers(t *testing.T, cfg string) {
 	t.Helper()
 	for _, suffix := range []string{".gpu-sandbox.json", ".gpu-sandbox.bak"} {
@@ -95,7 +97,7 @@ func TestDropInVersion2(t *testing.T) {
 		t.Fatalf("Apply: %v, %v", changed, err)
 	}
 	main, _ := os.ReadFile(cfg)
-	if want := strings.Replace(userV2, "version = 2\n", "version = 2\nimports = [\""+dropIn+"\"]\n", 1); string(main) != want {
+	if want := strings.Replace(userV2, "version = 2\n", "version = 2\nimports = [\""+dropIn+"\"]  # gpu-sandbox\n", 1); string(main) != want {
 		t.Errorf("main config:\n%s\nwant only the imports line added:\n%s", main, want)
 	}
 	d := tree(t, dropIn)
@@ -249,6 +251,15 @@ func TestInPlace(t *testing.T) {
 	if runtimes[kata.Name] == nil || runtimes[snp.Name] == nil || runtimes["nvidia"] == nil || runtimes["runc"] == nil {
 		t.Fatalf("runtimes after Apply: %v", runtimes)
 	}
+	if get(m, "plugins", "io.containerd.grpc.v1.cri", "enable_cdi") != true {
+		t.Error("CDI not enabled")
+	}
+	// The administrator's lines are all there, comments and order included.
+	main, _ := os.ReadFile(cfg)
+	if !strings.HasPrefix(string(main), userV2[:strings.Index(userV2, "  sandbox_image")]) ||
+		!strings.Contains(string(main), "  address = \"/run/containerd/containerd.sock\"  # the default\n") {
+		t.Errorf("the administrator's file was rewritten, not added to:\n%s", main)
+	}
 	// A runtime class dropped from the configuration goes at the next Apply.
 	if changed, err := e.Apply(containerd.Settings{Runtimes: []containerd.Runtime{kata}, CDISpecDirs: []string{"/var/run/cdi"}}); !changed || err != nil {
 		t.Fatal(changed, err)
@@ -257,19 +268,191 @@ func TestInPlace(t *testing.T) {
 	if get(m, "plugins", "io.containerd.grpc.v1.cri", "containerd", "runtimes", snp.Name) != nil {
 		t.Error("dropped runtime still there")
 	}
-	// Another tool sets something meanwhile; it survives the Revert.
+	if changed, err := e.Apply(containerd.Settings{Runtimes: []containerd.Runtime{kata}, CDISpecDirs: []string{"/var/run/cdi"}}); changed || err != nil {
+		t.Errorf("Apply of the same settings: %v, %v; want no change", changed, err)
+	}
+	// Another tool sets something meanwhile; it survives the Revert, byte
+	// for byte, and the backup keeps what the file was before.
 	b, _ := os.ReadFile(cfg)
 	os.WriteFile(cfg, append(b, []byte("\n[debug]\n  level = \"debug\"\n")...), 0o644)
 	if _, err := e.Revert(); err != nil {
 		t.Fatal(err)
 	}
-	got, want := tree(t, cfg), map[string]any{}
-	toml.Unmarshal([]byte(userV2), &want)
-	want["debug"] = map[string]any{"level": "debug"}
-	if !reflect.DeepEqual(got, want) {
-		t.Errorf("after Revert\n%v\nwant\n%v", got, want)
+	if got, want := mustReadFile(t, cfg), userV2+"\n[debug]\n  level = \"debug\"\n"; got != want {
+		t.Errorf("after Revert\n%s\nwant\n%s", got, want)
 	}
-	leftovers(t, cfg)
+	if got := mustReadFile(t, cfg+".gpu-sandbox.bak"); got != userV2 {
+		t.Errorf("backup holds\n%s\nwant the administrator's file before our last write", got)
+	}
+	if _, err := os.Stat(cfg + ".gpu-sandbox.json"); err == nil {
+		t.Error("record left after Revert")
+	}
+}
+
+func mustReadFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// routes runs a test on both routes.
+func routes(t *testing.T, f func(t *testing.T, dropIn bool)) {
+	t.Run("drop-in", func(t *testing.T) { f(t, true) })
+	t.Run("in-place", func(t *testing.T) { f(t, false) })
+}
+
+func editor(cfg, dropIn string, useDropIn bool) *containerd.Editor {
+	if !useDropIn {
+		dropIn = ""
+	}
+	return containerd.NewEditor(cfg, dropIn)
+}
+
+var settings = containerd.Settings{Runtimes: []containerd.Runtime{kata}, CDISpecDirs: []string{"/etc/cdi", "/var/run/cdi"}}
+
+// The administrator (or a template of config management) rewrites the
+// file months after the first Apply; drift repair adds our entries to the
+// new file; Revert gives back the new file, never the months-old one.
+func TestRevertAfterAdminRewrite(t *testing.T) {
+	routes(t, func(t *testing.T, useDropIn bool) {
+		cfg, dropIn := files(t, userV2)
+		e := editor(cfg, dropIn, useDropIn)
+		if _, err := e.Apply(settings); err != nil {
+			t.Fatal(err)
+		}
+		rewritten := strings.Replace(userV2, "pause:3.9", "pause:3.10", 1) + "\n[metrics]\n  address = \"127.0.0.1:1338\"\n"
+		os.WriteFile(cfg, []byte(rewritten), 0o644)
+		if changed, err := e.Apply(settings); !changed || err != nil {
+			t.Fatalf("drift repair: %v, %v", changed, err)
+		}
+		if get(tree(t, cfg), "metrics", "address") != "127.0.0.1:1338" {
+			t.Error("drift repair lost the administrator's rewrite")
+		}
+		if _, err := e.Revert(); err != nil {
+			t.Fatal(err)
+		}
+		if got := mustReadFile(t, cfg); got != rewritten {
+			t.Errorf("after Revert\n%s\nwant the administrator's rewrite byte for byte\n%s", got, rewritten)
+		}
+	})
+}
+
+// Edits right next to our lines: another import appended to the array we
+// added to, a value changed on the line before ours, a table added after
+// our block. Revert keeps each of them.
+func TestRevertAfterEditsNextToOurs(t *testing.T) {
+	routes(t, func(t *testing.T, useDropIn bool) {
+		withImports := strings.Replace(userV2, "version = 2\n", "version = 2\nimports = [\"/etc/containerd/base.toml\"]\n", 1)
+		cfg, dropIn := files(t, withImports)
+		e := editor(cfg, dropIn, useDropIn)
+		if _, err := e.Apply(settings); err != nil {
+			t.Fatal(err)
+		}
+		applied := mustReadFile(t, cfg)
+		edited := applied
+		want := withImports
+		if useDropIn {
+			edited = strings.Replace(edited, "\""+dropIn+"\"]", "\""+dropIn+"\", \"/etc/containerd/site.toml\"]", 1)
+			want = strings.Replace(want, "base.toml\"]", "base.toml\", \"/etc/containerd/site.toml\"]", 1)
+		} else {
+			// The line before our CDI lines, and a table after our block.
+			edited = strings.Replace(edited, "pause:3.9", "pause:3.10", 1) + "[debug]\n  level = \"info\"\n"
+			want = strings.Replace(want, "pause:3.9", "pause:3.10", 1) + "[debug]\n  level = \"info\"\n"
+		}
+		if edited == applied {
+			t.Fatal("the test's edit did not apply")
+		}
+		os.WriteFile(cfg, []byte(edited), 0o644)
+		if _, err := e.Revert(); err != nil {
+			t.Fatal(err)
+		}
+		if got := mustReadFile(t, cfg); got != want {
+			t.Errorf("after Revert\n%s\nwant\n%s", got, want)
+		}
+	})
+}
+
+// No config.toml at the first Apply: ours is created. The administrator
+// then puts their own file there, and drift repair adds to it. Revert must
+// not delete their file.
+func TestRevertKeepsConfigCreatedLater(t *testing.T) {
+	routes(t, func(t *testing.T, useDropIn bool) {
+		cfg, dropIn := files(t, "\x00missing")
+		e := editor(cfg, dropIn, useDropIn)
+		if _, err := e.Apply(settings); err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(cfg, []byte(userV2), 0o644)
+		if _, err := e.Apply(settings); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.Revert(); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := os.ReadFile(cfg); err != nil || string(got) != userV2 {
+			t.Errorf("after Revert: %q, %v; want the administrator's file", got, err)
+		}
+	})
+}
+
+// A setting the administrator has with another value is replaced in place,
+// and given back with its comment.
+func TestInPlaceReplacesValueAndGivesItBack(t *testing.T) {
+	main := strings.Replace(userV2, "  sandbox_image", "  enable_cdi = false # off until the specs exist\n  sandbox_image", 1)
+	cfg, _ := files(t, main)
+	e := containerd.NewEditor(cfg, "")
+	if _, err := e.Apply(settings); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustReadFile(t, cfg); !strings.Contains(got, "enable_cdi = true  # gpu-sandbox (was: false # off until the specs exist)\n") {
+		t.Errorf("enable_cdi not replaced in place:\n%s", got)
+	}
+	if _, err := e.Revert(); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustReadFile(t, cfg); got != main {
+		t.Errorf("after Revert\n%s\nwant\n%s", got, main)
+	}
+}
+
+// A runtime of our name that someone else defined is theirs: reported,
+// never overwritten.
+func TestRuntimeDefinedByOthers(t *testing.T) {
+	routes(t, func(t *testing.T, useDropIn bool) {
+		main := userV2 + "    [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kata-qemu-nvidia-gpu]\n      runtime_type = \"io.containerd.kata.v2\"\n"
+		cfg, dropIn := files(t, main)
+		_, err := editor(cfg, dropIn, useDropIn).Apply(settings)
+		if !errors.Is(err, containerd.ErrRuntimeExists) || !strings.Contains(err.Error(), kata.Name) {
+			t.Fatalf("error %v; want ErrRuntimeExists naming the runtime", err)
+		}
+		if got := mustReadFile(t, cfg); got != main {
+			t.Errorf("the file changed:\n%s", got)
+		}
+	})
+}
+
+// CRLF files get CRLF lines, and come back byte for byte.
+func TestCRLF(t *testing.T) {
+	routes(t, func(t *testing.T, useDropIn bool) {
+		main := strings.ReplaceAll(userV2, "\n", "\r\n")
+		cfg, dropIn := files(t, main)
+		e := editor(cfg, dropIn, useDropIn)
+		if _, err := e.Apply(settings); err != nil {
+			t.Fatal(err)
+		}
+		if got := mustReadFile(t, cfg); strings.Count(got, "\n") != strings.Count(got, "\r\n") {
+			t.Errorf("mixed line endings:\n%q", got)
+		}
+		if _, err := e.Revert(); err != nil {
+			t.Fatal(err)
+		}
+		if got := mustReadFile(t, cfg); got != main {
+			t.Errorf("after Revert %q", got)
+		}
+	})
 }
 
 func TestInvalidConfigChangesNothing(t *testing.T) {

@@ -3,7 +3,6 @@ package containerd_test
 import (
 	"os"
 	"path/filepath"
-	"reflect"
 	"testing"
 
 	"github.com/pelletier/go-toml/v2"
@@ -12,8 +11,7 @@ import (
 )
 
 // Whatever containerd configuration an administrator has, adding the Kata
-// runtime and reverting gives it back: byte for byte on the drop-in route,
-// with the same settings in place.
+// runtime and reverting gives it back byte for byte, on both routes.
 func FuzzApplyRevert(f *testing.F) {
 	f.Add([]byte(userV2))
 	f.Add([]byte("version = 3\n[plugins.'io.containerd.cri.v1.runtime'.containerd]\n  default_runtime_name = 'crun'\n"))
@@ -26,7 +24,7 @@ func FuzzApplyRevert(f *testing.F) {
 		if toml.Unmarshal(main, &tree) != nil {
 			return
 		}
-		if v, ok := tree["version"]; ok && v != int64(1) && v != int64(2) && v != int64(3) {
+		if v, ok := tree["version"].(int64); ok && v < 1 {
 			return
 		}
 		dir := t.TempDir()
@@ -45,21 +43,13 @@ func FuzzApplyRevert(f *testing.F) {
 
 		e = containerd.NewEditor(cfg, "")
 		if _, err := e.Apply(containerd.Settings{Runtimes: []containerd.Runtime{kata}, CDISpecDirs: []string{"/var/run/cdi"}}); err != nil {
-			return
+			return // a layout where text added at the end would not load, say: refused, and nothing changed
 		}
-		os.WriteFile(cfg, mustRead(t, cfg), 0o644) // someone else rewrote it: the byte-exact path is not taken
 		if _, err := e.Revert(); err != nil {
 			t.Fatal(err)
 		}
-		var got map[string]any
-		if err := toml.Unmarshal(mustRead(t, cfg), &got); err != nil {
-			t.Fatal(err)
-		}
-		if len(tree) == 0 {
-			delete(got, "version") // an empty file was given a version
-		}
-		if !reflect.DeepEqual(got, tree) && !(len(got) == 0 && len(tree) == 0) {
-			t.Fatalf("in-place route: after revert\n%v\nwant\n%v", got, tree)
+		if got, _ := os.ReadFile(cfg); string(got) != string(main) {
+			t.Fatalf("in-place route: after revert\n%q\nwant\n%q", got, main)
 		}
 	})
 }

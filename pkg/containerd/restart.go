@@ -15,6 +15,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/gpu-sandbox/gpu-sandbox/internal/boot"
 )
 
 // RestartMode says how containerd is made to read its configuration again.
@@ -40,6 +42,11 @@ func ParseRestartMode(s string) (RestartMode, error) {
 	return "", fmt.Errorf("restart mode %q: want signal, systemd or none", s)
 }
 
+// procRoot is where containerd's process is looked at: the host's /proc
+// when the agent runs in the host's PID namespace, as restarts by signal
+// need anyway.
+const procRoot = "/proc"
+
 // Restarter restarts containerd and waits until it answers again.
 type Restarter struct {
 	mode     RestartMode
@@ -55,17 +62,18 @@ func NewRestarter(mode RestartMode, socket, hostRoot string, timeout time.Durati
 	return &Restarter{mode: mode, socket: socket, hostRoot: hostRoot, timeout: timeout}
 }
 
-// Restart restarts containerd. It reports false, and no error, when nothing
-// was restarted: mode none, or no containerd serving the socket (it reads
-// the configuration when it starts).
+// Restart restarts containerd and waits until it answers. It reports false,
+// and no error, only in mode none, where restarting is left to the
+// administrator. A containerd that cannot be reached is an error
+// (ErrNotReachable), never a restart that happened.
 func (r *Restarter) Restart(ctx context.Context) (bool, error) {
 	switch r.mode {
 	case RestartNone:
 		return false, nil
 	case RestartSignal:
-		pid, err := PeerPID(r.socket)
+		pid, err := r.pid()
 		if err != nil {
-			return false, nil
+			return false, fmt.Errorf("restart containerd: %w", err)
 		}
 		if err := syscall.Kill(pid, syscall.SIGHUP); err != nil {
 			return false, fmt.Errorf("restart containerd (pid %d): %w", pid, err)
@@ -89,6 +97,37 @@ func (r *Restarter) Restart(ctx context.Context) (bool, error) {
 		return false, fmt.Errorf("restart containerd: unknown mode %q", r.mode)
 	}
 	return true, r.WaitReady(ctx)
+}
+
+// pid finds the process serving the socket.
+func (r *Restarter) pid() (int, error) {
+	pid, err := PeerPID(r.socket)
+	if err != nil {
+		return 0, fmt.Errorf("%w on %q: %w", ErrNotReachable, r.socket, err)
+	}
+	return pid, nil
+}
+
+// Loaded reports whether the containerd serving the socket started after
+// the moment given (a change of its configuration, say), and so has read
+// it. It fails (ErrNotReachable) when no process can be found behind the
+// socket.
+func (r *Restarter) Loaded(since Stamp) (bool, error) {
+	pid, err := r.pid()
+	if err != nil {
+		return false, err
+	}
+	if id, err := boot.ID(); err == nil && id != since.BootID {
+		return true, nil // the node booted since: everything started after
+	}
+	start, err := boot.ProcessStart(procRoot, pid)
+	if err != nil {
+		return false, fmt.Errorf("%w on %q: %w", ErrNotReachable, r.socket, err)
+	}
+	// Start times are kept to a tick: one that began in the tick of the
+	// change counts as after it, so that a restart made right after a
+	// change is never taken for one still owed.
+	return start+boot.Tick > since.SinceBoot, nil
 }
 
 // WaitReady waits until containerd answers a health check on its socket.
@@ -150,7 +189,8 @@ func PeerPID(socket string) (int, error) {
 		return 0, credErr
 	}
 	if cred.Pid <= 0 {
-		return 0, errors.New("no peer process")
+		// The kernel gives 0 for a peer outside our PID namespace.
+		return 0, errors.New("the socket's peer credentials carry no PID: the server runs in another PID namespace (run the agent in the host's, hostPID)")
 	}
 	return int(cred.Pid), nil
 }

@@ -64,17 +64,55 @@ func TestWaitReadyNotAnswering(t *testing.T) {
 	}
 }
 
+// Mode none leaves the restart to the administrator and says nothing was
+// restarted; with nothing serving the socket, a signal restart is a
+// failure that names the socket, never a restart that happened.
 func TestRestartWithNothingToRestart(t *testing.T) {
 	socket := filepath.Join(t.TempDir(), "containerd.sock")
-	for _, mode := range []RestartMode{RestartNone, RestartSignal} {
-		// Signal: no process serves the socket, so containerd reads the
-		// configuration whenever its supervisor starts it.
-		restarted, err := NewRestarter(mode, socket, "/", time.Second).Restart(context.Background())
-		if restarted || err != nil {
-			t.Errorf("%s: Restart = %v, %v; want false, nil", mode, restarted, err)
-		}
+	if restarted, err := NewRestarter(RestartNone, socket, "/", time.Second).Restart(context.Background()); restarted || err != nil {
+		t.Errorf("none: Restart = %v, %v; want false, nil", restarted, err)
+	}
+	restarted, err := NewRestarter(RestartSignal, socket, "/", time.Second).Restart(context.Background())
+	if restarted || !errors.Is(err, ErrNotReachable) || !strings.Contains(err.Error(), socket) {
+		t.Errorf("signal: Restart = %v, %v; want ErrNotReachable naming %s", restarted, err, socket)
 	}
 	if _, err := NewRestarter("reboot", socket, "/", time.Second).Restart(context.Background()); err == nil {
 		t.Error("unknown mode: no error")
+	}
+}
+
+// Loaded compares when the process behind the socket started with the
+// stamp: here the process is the test itself.
+func TestLoaded(t *testing.T) {
+	socket := filepath.Join(t.TempDir(), "containerd.sock")
+	r := NewRestarter(RestartSignal, socket, "/", time.Second)
+	if _, err := r.Loaded(*now()); !errors.Is(err, ErrNotReachable) {
+		t.Fatalf("nothing on the socket: %v; want ErrNotReachable", err)
+	}
+	l, err := net.Listen("unix", socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	for name, tc := range map[string]struct {
+		stamp Stamp
+		want  bool
+	}{
+		"changed after start":     {*now(), false},
+		"changed before start":    {Stamp{BootID: now().BootID}, true},
+		"changed in another boot": {Stamp{BootID: "00000000-0000-0000-0000-000000000000", SinceBoot: now().SinceBoot}, true},
+	} {
+		if got, err := r.Loaded(tc.stamp); got != tc.want || err != nil {
+			t.Errorf("%s: Loaded = %v, %v; want %v", name, got, err, tc.want)
+		}
 	}
 }

@@ -22,7 +22,10 @@ import (
 )
 
 const usage = `Usage:
-  kata-manager [flags]                  reconcile until SIGTERM (or once with --once), then clean up
+  kata-manager [flags]                  reconcile until SIGTERM (or once with --once); stopping leaves
+                                        runtime classes, Kata configurations and artifacts in place
+  kata-manager uninstall [flags]        take the runtime classes out of containerd's configuration and
+                                        restart it (with --remove-artifacts, remove the artifacts too)
   kata-manager pull [flags] REF DIR     pull one artifact into DIR and print its digest and files`
 
 func main() {
@@ -42,14 +45,12 @@ func run() error {
 	fs.StringVar(&cfg.RestartMode, "restart-mode", string(containerd.RestartSignal), "how containerd is restarted: signal, systemd or none")
 	fs.DurationVar(&cfg.RestartTimeout, "restart-timeout", katamanager.DefaultRestartTimeout, "how long containerd may take to answer after a restart")
 	fs.BoolVar(&cfg.LoadKernelModules, "load-kernel-modules", true, "load vhost_vsock and vhost_net with the host's modprobe")
-	fs.BoolVar(&cfg.CDIEnabled, "cdi-enabled", true, "write the nvidia.com/pgpu CDI spec and enable CDI in containerd")
-	fs.StringVar(&cfg.CDIRoot, "cdi-root", cdi.DefaultRoot, "directory for the CDI spec")
-	fs.StringVar(&cfg.SysfsRoot, "sysfs-root", vfio.DefaultSysfsRoot, "sysfs mount")
-	fs.StringVar(&cfg.DevRoot, "dev-root", vfio.DefaultDevRoot, "/dev of the host")
+	fs.BoolVar(&cfg.CDIEnabled, "cdi-enabled", true, "enable CDI in containerd (the device plugin writes the specs)")
+	fs.StringVar(&cfg.CDIRoot, "cdi-root", cdi.DefaultRoot, "directory of dynamic CDI specs, given to containerd with /etc/cdi")
 	fs.StringVar(&cfg.HostRoot, "host-root", vfio.DefaultHostRoot, "host root file system (modprobe, systemctl)")
 	fs.StringVar(&cfg.PullSecretsDir, "pull-secrets-dir", "", "read pull secrets from <dir>/<name>/.dockerconfigjson instead of the Kubernetes API")
-	fs.BoolVar(&cfg.RemoveArtifacts, "remove-artifacts", false, "also remove the artifacts when stopping")
-	fs.BoolVar(&cfg.CleanupOnExit, "cleanup-on-exit", true, "give back containerd's configuration and remove the CDI spec when stopping")
+	fs.BoolVar(&cfg.RemoveArtifacts, "remove-artifacts", false, "uninstall (or --cleanup-on-exit): also remove the artifacts")
+	fs.BoolVar(&cfg.CleanupOnExit, "cleanup-on-exit", false, "uninstall when stopping; off by default, since a rollout must not take runtime classes from running pods")
 	fs.BoolVar(&cfg.Once, "once", false, "reconcile once and exit, removing nothing")
 	fs.StringVar(&cfg.HealthAddress, "health-address", "", "address for /healthz and /readyz, e.g. :8082 (empty: none)")
 	fs.DurationVar(&cfg.ReconcileInterval, "reconcile-interval", katamanager.DefaultReconcileInterval, "how often everything is checked again")
@@ -63,7 +64,7 @@ func run() error {
 		"config-file": "CONFIG_FILE", "artifacts-dir": "KATA_ARTIFACTS_DIR", "containerd-config": "CONTAINERD_CONFIG",
 		"containerd-drop-in": "CONTAINERD_DROP_IN", "containerd-socket": "CONTAINERD_SOCKET", "restart-mode": "RESTART_MODE",
 		"restart-timeout": "RESTART_TIMEOUT", "load-kernel-modules": "LOAD_KERNEL_MODULES", "cdi-enabled": "CDI_ENABLED",
-		"cdi-root": "CDI_ROOT", "sysfs-root": "SYSFS_ROOT", "dev-root": "DEV_ROOT", "host-root": "HOST_ROOT",
+		"cdi-root": "CDI_ROOT", "host-root": "HOST_ROOT",
 		"pull-secrets-dir": "PULL_SECRETS_DIR", "remove-artifacts": "REMOVE_ARTIFACTS", "cleanup-on-exit": "CLEANUP_ON_EXIT",
 		"once": "ONCE", "health-address": "HEALTH_ADDRESS", "reconcile-interval": "RECONCILE_INTERVAL",
 		"plain-http": "PLAIN_HTTP", "ca-file": "CA_FILE", "pull-secret": "PULL_SECRET", "platform": "PLATFORM",
@@ -86,6 +87,11 @@ func run() error {
 	switch {
 	case len(args) == 0:
 		return report(katamanager.Run(ctx, cfg))
+	case args[0] == "uninstall":
+		if len(args) != 1 {
+			return report(cli.Usagef("uninstall: unexpected arguments %q", args[1:]))
+		}
+		return report(katamanager.Uninstall(ctx, cfg))
 	case args[0] == "pull":
 		if len(args) != 3 {
 			return report(cli.Usagef("pull: want REF DIR, got %d arguments", len(args)-1))
@@ -93,7 +99,7 @@ func run() error {
 		pull.Reference, pull.Dir, pull.Out, pull.Log = args[1], args[2], os.Stdout, cfg.Log
 		return report(katamanager.Pull(ctx, pull))
 	}
-	return report(cli.Usagef("unknown command %q: want pull, or no command for the daemon", args[0]))
+	return report(cli.Usagef("unknown command %q: want uninstall, pull, or no command for the daemon", args[0]))
 }
 
 func report(err error) error {

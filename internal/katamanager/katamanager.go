@@ -1,7 +1,8 @@
 // Package katamanager is the kata-manager agent: it pulls the Kata guest
 // artifacts of each configured runtime class, points their Kata
-// configuration at them, registers the runtime classes in containerd,
-// writes the nvidia.com/pgpu CDI spec, and undoes it all when it stops.
+// configuration at them, registers the runtime classes in containerd and
+// enables CDI there. What it sets up is node state that running pods use:
+// stopping leaves it in place, and Uninstall takes it out.
 package katamanager
 
 import (
@@ -25,10 +26,8 @@ import (
 	"github.com/gpu-sandbox/gpu-sandbox/internal/cli"
 	"github.com/gpu-sandbox/gpu-sandbox/internal/modprobe"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/artifacts"
-	"github.com/gpu-sandbox/gpu-sandbox/pkg/cdi"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/containerd"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/kata"
-	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
 )
 
 // Defaults of the agent.
@@ -61,8 +60,6 @@ type Config struct {
 	LoadKernelModules bool
 	CDIEnabled        bool
 	CDIRoot           string
-	SysfsRoot         string
-	DevRoot           string
 	HostRoot          string
 	PullSecretsDir    string
 	RemoveArtifacts   bool
@@ -80,15 +77,13 @@ type agent struct {
 	file      *FileConfig
 	editor    *containerd.Editor
 	restarter *containerd.Restarter
-	cdi       *cdi.Writer
-	sysfs     *vfio.Sysfs
 	secrets   secrets
 	ready     atomic.Bool
+	reason    atomic.Pointer[string] // why not ready
 
-	failures       map[string]int       // runtime class → failed reconciles in a row
-	retryAt        map[string]time.Time // runtime class → no pull before
-	wroteCDI       bool
-	restartPending bool
+	failures    map[string]int       // runtime class → failed reconciles in a row
+	retryAt     map[string]time.Time // runtime class → no pull before
+	restartOwed string               // why containerd has not loaded what was written; "" when it has
 }
 
 func newAgent(cfg Config) (*agent, error) {
@@ -107,18 +102,13 @@ func newAgent(cfg Config) (*agent, error) {
 		cfg: cfg, log: cfg.Log, file: file,
 		editor:    containerd.NewEditor(cfg.ContainerdConfig, cfg.ContainerdDropIn),
 		restarter: containerd.NewRestarter(mode, cfg.ContainerdSocket, cfg.HostRoot, cfg.RestartTimeout),
-		sysfs:     vfio.NewSysfs(cfg.SysfsRoot),
 		failures:  map[string]int{},
 		retryAt:   map[string]time.Time{},
 	}
 	if a.artifactsDir() == "" {
 		return nil, cli.Usagef("no artifacts directory: set artifactsDir in %s or KATA_ARTIFACTS_DIR", cfg.ConfigFile)
 	}
-	if cfg.CDIEnabled {
-		if a.cdi, err = cdi.NewWriter(cfg.CDIRoot); err != nil {
-			return nil, err
-		}
-	}
+	a.setNotReady("the first full reconcile has not finished")
 	if cfg.PullSecretsDir != "" {
 		a.secrets = dirSecrets{dir: cfg.PullSecretsDir}
 	}
@@ -132,7 +122,8 @@ func (a *agent) artifactsDir() string {
 	return a.file.ArtifactsDir
 }
 
-// Run reconciles once (Once) or until ctx ends, then cleans up.
+// Run reconciles once (Once) or until ctx ends. Stopping leaves what it set
+// up in place, unless CleanupOnExit.
 func Run(ctx context.Context, cfg Config) error {
 	a, err := newAgent(cfg)
 	if err != nil {
@@ -142,6 +133,45 @@ func Run(ctx context.Context, cfg Config) error {
 		return a.reconcile(ctx)
 	}
 	return a.run(ctx)
+}
+
+// Uninstall takes out of containerd's configuration what kata-manager added
+// and restarts containerd once when that changed it; with RemoveArtifacts
+// the runtime classes' artifacts go too. It is what an administrator (or a
+// deletion Job) runs once no pod uses the runtime classes any more.
+func Uninstall(ctx context.Context, cfg Config) error {
+	a, err := newAgent(cfg)
+	if err != nil {
+		return err
+	}
+	a.clearPIDFile()
+	return a.uninstall(ctx)
+}
+
+func (a *agent) uninstall(ctx context.Context) error {
+	changed, err := a.editor.Revert()
+	if err != nil {
+		return fmt.Errorf("give back containerd's configuration: %w", err)
+	}
+	if changed {
+		a.log.WithField("config", a.cfg.ContainerdConfig).Info("containerd configuration given back")
+		// A restart may be under way (a reconcile's, when SIGTERM came in
+		// the middle of it): let it finish before asking for another.
+		_ = a.restarter.WaitReady(ctx)
+		if restarted, err := a.restarter.Restart(ctx); err != nil {
+			return fmt.Errorf("containerd has not loaded its configuration without the runtime classes: %w", err)
+		} else if restarted {
+			a.log.Info("containerd restarted and answering")
+		} else {
+			a.log.Warn("restart mode none: restart containerd to drop the runtime classes")
+		}
+	}
+	if a.cfg.RemoveArtifacts {
+		for _, rc := range a.file.RuntimeClasses {
+			a.removeArtifacts(rc.Name)
+		}
+	}
+	return nil
 }
 
 // reconcile brings the node to the configuration: every runtime class on
@@ -174,9 +204,6 @@ func (a *agent) reconcile(ctx context.Context) error {
 	settings := containerd.Settings{Runtimes: runtimes}
 	if a.cfg.CDIEnabled {
 		settings.CDISpecDirs = []string{"/etc/cdi", a.cfg.CDIRoot}
-		if err := a.writeCDI(); err != nil {
-			errs = append(errs, err)
-		}
 	}
 	changed, err := a.editor.Apply(settings)
 	if err != nil {
@@ -186,25 +213,53 @@ func (a *agent) reconcile(ctx context.Context) error {
 		a.log.WithFields(logrus.Fields{"config": a.cfg.ContainerdConfig, "drop-in": a.cfg.ContainerdDropIn,
 			"runtimes": names(runtimes)}).Info("containerd configuration written")
 	}
-	if changed || a.restartPending {
-		// A restart that failed is tried again on the next reconcile.
-		restarted, err := a.restarter.Restart(ctx)
-		if err == nil && !restarted && a.restartPending {
-			// No containerd to restart: it went down in the restart that
-			// failed. It reads the configuration when it starts; until it
-			// answers, the failure stands.
-			err = a.restarter.WaitReady(ctx)
-			restarted = err == nil
-		}
-		a.restartPending = err != nil
-		if err != nil {
-			errs = append(errs, err)
-		} else if restarted {
-			a.log.Info("containerd restarted and answering")
-		}
+	if err := a.loadConfig(ctx, changed); err != nil {
+		errs = append(errs, err)
 	}
 	a.removeDropped()
 	return errors.Join(errs...)
+}
+
+// loadConfig makes containerd read its configuration as written: it is
+// restarted when this reconcile changed the configuration, when an earlier
+// restart did not happen, or when the containerd running now started
+// before our last change (a kata-manager that died between writing and
+// restarting). A restart that did not happen is an error, and the restart
+// stays owed, until a containerd that started after the change answers.
+// With restart mode none the administrator restarts it: the restart is
+// owed, not failed, and the daemon is not ready until it happened.
+func (a *agent) loadConfig(ctx context.Context, changed bool) error {
+	owed := changed || a.restartOwed != ""
+	if stamp, wrote := a.editor.LastChange(); wrote && !changed {
+		// Without an answer (no containerd, no PID) nothing is known:
+		// keep what this process knew.
+		if loaded, err := a.restarter.Loaded(stamp); err == nil {
+			owed = !loaded
+		}
+	}
+	if !owed {
+		if a.restartOwed != "" {
+			a.log.WithField("socket", a.cfg.ContainerdSocket).Info("containerd has loaded the configuration")
+		}
+		a.restartOwed = ""
+		return nil
+	}
+	restarted, err := a.restarter.Restart(ctx)
+	switch {
+	case err != nil:
+		err = fmt.Errorf("containerd has not loaded its new configuration: %w", err)
+		a.restartOwed = err.Error()
+		return err
+	case !restarted:
+		if a.restartOwed == "" {
+			a.log.WithField("socket", a.cfg.ContainerdSocket).Warn("restart mode none: restart containerd to load its new configuration")
+		}
+		a.restartOwed = "containerd has not loaded its new configuration: restart mode none: restart containerd (" + a.cfg.ContainerdSocket + ")"
+		return nil
+	}
+	a.restartOwed = ""
+	a.log.WithField("socket", a.cfg.ContainerdSocket).Info("containerd restarted and answering")
+	return nil
 }
 
 func names(rs []containerd.Runtime) []string {
@@ -316,38 +371,6 @@ func writeKataConfig(rc, dir, final string, files []artifacts.File) error {
 	return err
 }
 
-// writeCDI writes the nvidia.com/pgpu spec for the GPUs vfio holds, the
-// same bytes the device plugin writes, or removes it when there are none.
-func (a *agent) writeCDI() error {
-	devices, err := a.sysfs.Devices()
-	if devices == nil && err != nil {
-		return fmt.Errorf("CDI spec: %w", err)
-	}
-	sel, _ := vfio.ParseSelector(vfio.DefaultSelect, true)
-	found := vfio.FindPassthrough(devices, sel)
-	mode, _ := vfio.ResolveMode("auto", a.cfg.DevRoot, found)
-	spec, err := cdi.NewPassthroughSpec(found, cdi.SpecOptions{Mode: mode, Sysfs: a.sysfs})
-	if errors.Is(err, cdi.ErrNoDevices) {
-		if a.wroteCDI {
-			a.wroteCDI = false
-			return a.cdi.Remove(cdi.PassthroughKind)
-		}
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	wrote, err := a.cdi.Write(spec)
-	if err != nil {
-		return err
-	}
-	a.wroteCDI = true
-	if wrote {
-		a.log.WithFields(logrus.Fields{"path": a.cdi.Path(cdi.PassthroughKind), "devices": len(spec.Devices) / 2}).Info("CDI spec written")
-	}
-	return nil
-}
-
 // removeDropped removes the directories of runtime classes no longer in the
 // configuration: links this agent made, with their versions beside them.
 func (a *agent) removeDropped() {
@@ -385,6 +408,8 @@ func (a *agent) removeArtifacts(name string) {
 // timer, on configuration changes, on drift in containerd's configuration
 // and, for the CDI spec, on GPUs coming and going; clean up on the way out.
 func (a *agent) run(ctx context.Context) error {
+	// A PID file left by a process that crashed must not make this one look ready.
+	a.clearPIDFile()
 	if a.cfg.HealthAddress != "" {
 		stop, err := a.serveHTTP(a.cfg.HealthAddress)
 		if err != nil {
@@ -400,7 +425,6 @@ func (a *agent) run(ctx context.Context) error {
 	watched := map[string]string{ // directory → what changes there
 		filepath.Dir(a.cfg.ConfigFile):       "config",
 		filepath.Dir(a.cfg.ContainerdConfig): "containerd",
-		filepath.Join(a.cfg.DevRoot, "vfio"): "devices",
 	}
 	if a.cfg.ContainerdDropIn != "" {
 		watched[filepath.Dir(a.cfg.ContainerdDropIn)] = "containerd"
@@ -421,7 +445,7 @@ func (a *agent) run(ctx context.Context) error {
 			return nil
 		case ev := <-w.Events:
 			kind := watched[filepath.Dir(ev.Name)]
-			if kind == "config" || kind == "devices" ||
+			if kind == "config" ||
 				(kind == "containerd" && (ev.Name == a.cfg.ContainerdConfig || ev.Name == a.cfg.ContainerdDropIn)) {
 				pending[kind] = true
 				settle.Reset(200 * time.Millisecond) // one reconcile for a burst of events, our own writes included
@@ -440,10 +464,6 @@ func (a *agent) run(ctx context.Context) error {
 			}
 			if pending["config"] || pending["containerd"] {
 				timer.Reset(0)
-			} else if pending["devices"] && a.cfg.CDIEnabled {
-				if err := a.writeCDI(); err != nil {
-					a.log.WithError(err).Error("CDI spec")
-				}
 			}
 			clear(pending)
 		case <-timer.C:
@@ -451,12 +471,19 @@ func (a *agent) run(ctx context.Context) error {
 			if ctx.Err() != nil {
 				return nil
 			}
-			if err != nil {
-				a.log.WithError(err).Error("reconcile")
-			} else if !a.ready.Load() {
+			switch {
+			case a.restartOwed != "":
+				// Ready or not before: the node runs without what was written.
+				a.setNotReady(a.restartOwed)
+			case err == nil:
 				if err := a.markReady(); err != nil {
 					return err
 				}
+			case !a.ready.Load():
+				a.setNotReady("the first full reconcile has not succeeded: " + err.Error())
+			}
+			if err != nil {
+				a.log.WithError(err).Error("reconcile")
 			}
 			timer.Reset(a.nextReconcile())
 		}
@@ -466,7 +493,7 @@ func (a *agent) run(ctx context.Context) error {
 // nextReconcile is the periodic interval, or sooner for a class to retry.
 func (a *agent) nextReconcile() time.Duration {
 	next := a.cfg.ReconcileInterval
-	if a.restartPending {
+	if a.restartOwed != "" {
 		next = min(next, restartRetryInterval)
 	}
 	for _, at := range a.retryAt {
@@ -475,56 +502,60 @@ func (a *agent) nextReconcile() time.Duration {
 	return next
 }
 
+func (a *agent) pidFile() string { return filepath.Join(a.artifactsDir(), PIDFile) }
+
+// clearPIDFile removes the readiness marker the GPU Operator's probe reads
+// (it checks that the PID in it is alive).
+func (a *agent) clearPIDFile() {
+	_ = atomicfile.RemoveTemps(a.pidFile())
+	_ = atomicfile.Remove(a.pidFile())
+}
+
 func (a *agent) markReady() error {
-	pid := filepath.Join(a.artifactsDir(), PIDFile)
-	_ = atomicfile.RemoveTemps(pid)
+	if a.ready.Load() {
+		return nil
+	}
 	if err := os.MkdirAll(a.artifactsDir(), 0o755); err != nil {
 		return err
 	}
-	if err := atomicfile.WriteFile(pid, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
+	if err := atomicfile.WriteFile(a.pidFile(), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
 		return fmt.Errorf("mark ready: %w", err)
 	}
 	a.ready.Store(true)
-	a.log.WithField("pidFile", pid).Info("every runtime class is set up; ready")
-	// The first reconcile's buffers (pulls, TOML trees, the CDI scan) are
-	// garbage now: return them to the kernel at once rather than over
-	// minutes, since idle RSS is what every node pays.
+	a.log.WithField("pidFile", a.pidFile()).Info("every runtime class is set up and containerd has loaded it; ready")
+	// The first reconcile's buffers (pulls, TOML trees) are garbage now:
+	// return them to the kernel at once rather than over minutes, since
+	// idle RSS is what every node pays.
 	go debug.FreeOSMemory()
 	return nil
 }
 
-// cleanup runs when the daemon stops: with CleanupOnExit, containerd's
-// configuration is given back, the CDI spec removed and containerd
-// restarted once; artifacts stay unless RemoveArtifacts.
+func (a *agent) setNotReady(reason string) {
+	a.reason.Store(&reason)
+	if a.ready.Swap(false) {
+		a.clearPIDFile()
+	}
+}
+
+// cleanup runs when the daemon stops. By default everything stays: runtime
+// classes, Kata configurations and artifacts are node state that running
+// pods use, and the next kata-manager finds them in place. With
+// CleanupOnExit it does what Uninstall does.
 func (a *agent) cleanup() {
 	a.ready.Store(false)
-	_ = atomicfile.Remove(filepath.Join(a.artifactsDir(), PIDFile))
+	a.clearPIDFile()
 	if !a.cfg.CleanupOnExit {
+		a.log.Info("stopped; runtime classes stay in place (kata-manager uninstall removes them)")
 		return
 	}
 	// The cleanup runs after the context ended: give it its own time.
 	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.RestartTimeout+10*time.Second)
 	defer cancel()
-	changed, err := a.editor.Revert()
-	if err != nil {
-		a.log.WithError(err).Error("containerd configuration not given back")
+	if err := a.uninstall(ctx); err != nil {
+		a.log.WithError(err).Error("cleanup on exit")
+		return
 	}
-	if a.cdi != nil && a.wroteCDI {
-		if err := a.cdi.Remove(cdi.PassthroughKind); err != nil {
-			a.log.WithError(err).Error("remove CDI spec")
-		}
-	}
-	if changed {
-		if _, err := a.restarter.Restart(ctx); err != nil {
-			a.log.WithError(err).Error("restart containerd")
-		}
-	}
-	if a.cfg.RemoveArtifacts {
-		for _, rc := range a.file.RuntimeClasses {
-			a.removeArtifacts(rc.Name)
-		}
-	}
-	a.log.Info("stopped; containerd configuration given back")
+	a.log.Info("stopped; runtime classes removed (--cleanup-on-exit)")
 }
 
 func (a *agent) serveHTTP(addr string) (func(), error) {
@@ -536,7 +567,7 @@ func (a *agent) serveHTTP(addr string) (func(), error) {
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if !a.ready.Load() {
-			http.Error(w, "not ready: the first full reconcile has not succeeded", http.StatusServiceUnavailable)
+			http.Error(w, "not ready: "+*a.reason.Load(), http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ok")

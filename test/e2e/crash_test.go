@@ -70,7 +70,7 @@ type snapshot map[string]string
 func takeSnapshot(t *testing.T, n *katanode) snapshot {
 	t.Helper()
 	s := snapshot{}
-	for _, p := range []string{n.main, n.dropIn, filepath.Join(n.cdi, "nvidia.com-pgpu.yaml")} {
+	for _, p := range []string{n.main, n.dropIn} {
 		b, err := os.ReadFile(p)
 		if err == nil {
 			s[p] = string(b)
@@ -293,18 +293,20 @@ func TestKataManagerCrashConsistency(t *testing.T) {
 }
 
 // The daemon killed at every file operation of its first reconcile, of
-// becoming ready and of its cleanup after SIGTERM: the node is never
-// broken, and the next start and stop leave it as a life that was not
-// interrupted does: containerd's configuration given back byte for byte,
-// no CDI spec, no PID file, the artifacts kept.
+// becoming ready (containerd restarted) and of its cleanup after SIGTERM
+// (--cleanup-on-exit, what uninstall does): the node is never broken, and
+// the next start and stop leave it as a life that was not interrupted
+// does: containerd's configuration given back byte for byte, no PID file,
+// the artifacts kept.
 func TestKataManagerDaemonCrashConsistency(t *testing.T) {
 	bin := filepath.Join(faultBinaries(t), "kata-manager")
 	reg := testbed.StartRegistry(t, "", "")
 	repo := testbed.Repository(t, reg.Host, "nvidia/kata", "", "")
 	testbed.PushArtifact(t, repo, "gpu", testbed.KataArtifact(53, 64<<10))
 	n := newKataNode(t, classConfig("kata-qemu-nvidia-gpu", reg.Host+"/nvidia/kata:gpu"))
+	testbed.StartContainerd(t, n.main, n.socket())
 
-	points := killEverywhere(t, n, saveNode(t, n), daemonRun(bin, n.args()))
+	points := killEverywhere(t, n, saveNode(t, n), daemonRun(bin, n.args("--restart-mode", "signal", "--cleanup-on-exit")))
 	t.Logf("kill points survived by the daemon: %d", points)
 	if points < 15 {
 		t.Errorf("only %d kill points in a daemon's life; want its reconcile, readiness and cleanup", points)
@@ -312,7 +314,7 @@ func TestKataManagerDaemonCrashConsistency(t *testing.T) {
 	if main, _ := os.ReadFile(n.main); string(main) != string(n.original) {
 		t.Errorf("containerd configuration not given back:\n%s", main)
 	}
-	for _, gone := range []string{n.dropIn, filepath.Join(n.cdi, "nvidia.com-pgpu.yaml"), filepath.Join(n.artifacts, "k8s-kata-manager.pid")} {
+	for _, gone := range []string{n.dropIn, filepath.Join(n.artifacts, "k8s-kata-manager.pid")} {
 		if _, err := os.Stat(gone); err == nil {
 			t.Errorf("%s left after the daemon stopped", gone)
 		}

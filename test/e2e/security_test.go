@@ -67,7 +67,6 @@ func TestFileModes(t *testing.T) {
 		n.dropIn:                     0o644, // containerd's configuration is not secret
 		n.main + ".gpu-sandbox.json": 0o600,
 		n.main + ".gpu-sandbox.bak":  0o600,
-		filepath.Join(n.cdi, "nvidia.com-pgpu.yaml"):               0o600,
 		filepath.Join(rc, "vmlinuz-6.1.62-nvidia-gpu"):             0o644, // read by the Kata shim and QEMU
 		filepath.Join(rc, "gpu-sandbox-kata-qemu-nvidia-gpu.toml"): 0o644,
 		filepath.Join(rc, ".artifact.json"):                        0o644,

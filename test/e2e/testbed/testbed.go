@@ -282,6 +282,21 @@ func (c *Containerd) Release(t T) {
 	}
 }
 
+// Restart restarts containerd as an administrator does (systemctl restart
+// containerd): the process stops, its supervisor starts it again, and it
+// answers.
+func (c *Containerd) Restart(t T) {
+	t.Helper()
+	c.mu.Lock()
+	cmd, exited := c.cmd, c.exited
+	c.mu.Unlock()
+	cmd.Process.Signal(syscall.SIGTERM)
+	<-exited
+	if err := containerd.NewRestarter(containerd.RestartNone, c.Socket, "/", 10*time.Second).WaitReady(context.Background()); err != nil {
+		t.Fatalf("containerd after a restart: %v\n%s", err, c.logs())
+	}
+}
+
 func (c *Containerd) logs() string { return c.log.String() }
 
 func (c *Containerd) Starts() int {

@@ -24,9 +24,11 @@ func main() {
 }
 
 func run() error {
-	fs := cli.NewFlagSet("Usage: sandbox-device-plugin [flags]\n\n" +
-		"Advertises vfio-bound GPUs to the kubelet (one resource per model, or P_GPU_ALIAS),\n" +
-		"with health, NUMA, VFIO device nodes and CDI devices; runs until SIGTERM.")
+	fs := cli.NewFlagSet("Usage:\n" +
+		"  sandbox-device-plugin [flags]            advertise vfio-bound GPUs to the kubelet (one resource per\n" +
+		"                                           model, or P_GPU_ALIAS), with health, NUMA, VFIO device nodes\n" +
+		"                                           and CDI devices, until SIGTERM; the CDI specs stay after it\n" +
+		"  sandbox-device-plugin uninstall [flags]  remove the passthrough CDI specs from --cdi-root")
 	var cfg sandboxplugin.Config
 	var logFormat, logLevel string
 	fs.StringVar(&cfg.PluginDir, "device-plugin-path", deviceplugin.DefaultDir, "the kubelet's device-plugin directory")
@@ -56,13 +58,17 @@ func run() error {
 	if errors.Is(err, pflag.ErrHelp) {
 		return nil
 	}
-	if err == nil && len(args) > 0 {
+	uninstall := err == nil && len(args) == 1 && args[0] == "uninstall"
+	if err == nil && len(args) > 0 && !uninstall {
 		err = cli.Usagef("unexpected arguments %q", args)
 	}
 	if err == nil {
 		cfg.Log, err = cli.NewLogger(os.Stderr, logFormat, logLevel)
 	}
-	if err == nil {
+	switch {
+	case err == nil && uninstall:
+		err = sandboxplugin.Uninstall(cfg)
+	case err == nil:
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 		defer stop()
 		err = sandboxplugin.Run(ctx, cfg)

@@ -234,7 +234,8 @@ func TestDevicePluginWithKubeletDeviceManager(t *testing.T) {
 		t.Errorf("NVSwitch allocation after restart: %+v", opts.CDIDevices)
 	}
 
-	// A clean stop removes the plugin's sockets and CDI specs.
+	// A clean stop removes the plugin's sockets; the CDI specs stay for
+	// the names handed out, until the administrator uninstalls.
 	plugin.Process.Signal(syscall.SIGTERM)
 	if err := plugin.Wait(); err != nil {
 		t.Fatalf("plugin exit: %v", err)
@@ -245,7 +246,13 @@ func TestDevicePluginWithKubeletDeviceManager(t *testing.T) {
 			t.Errorf("socket %s left after SIGTERM", e.Name())
 		}
 	}
+	if specs, _ := os.ReadDir(cdiRoot); len(specs) == 0 {
+		t.Error("CDI specs removed by a stop: names handed out no longer resolve")
+	}
+	if r := run(t, "sandbox-device-plugin", nil, "uninstall", "--cdi-root", cdiRoot); r.code != 0 {
+		t.Fatalf("uninstall: %s", r)
+	}
 	if specs, _ := os.ReadDir(cdiRoot); len(specs) != 0 {
-		t.Errorf("CDI specs left after SIGTERM: %v", specs)
+		t.Errorf("CDI specs left after uninstall: %v", specs)
 	}
 }

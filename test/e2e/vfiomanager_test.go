@@ -48,15 +48,15 @@ func (n *node) wantDriver(t *testing.T, addr, want string) {
 }
 
 type statusEntry struct {
-	Address    string `json:"address"`
-	Vendor     string `json:"vendor"`
-	Device     string `json:"device"`
-	Class      string `json:"class"`
-	Name       string `json:"name"`
-	Role       string `json:"role"`
-	Driver     string `json:"driver"`
-	IOMMUGroup int    `json:"iommuGroup"`
-	NUMANode   int    `json:"numaNode"`
+	Address    string   `json:"address"`
+	Vendor     string   `json:"vendor"`
+	Device     string   `json:"device"`
+	Class      string   `json:"class"`
+	Name       string   `json:"name"`
+	Role       string   `json:"role"`
+	Driver     string   `json:"driver"`
+	IOMMUGroup int      `json:"iommuGroup"`
+	NUMANode   int      `json:"numaNode"`
 	VFIODevice string   `json:"vfioDevice"`
 	InUseBy    []string `json:"inUseBy"`
 }

@@ -131,18 +131,24 @@ func (d *demo) run() error {
 	cdiRoot := filepath.Join(d.work, "cdi")
 	os.WriteFile(config, []byte(fmt.Sprintf("artifactsDir: %s\nruntimeClasses:\n- name: %s\n  nodeSelector: {}\n  artifacts:\n    url: %s\n    pullSecret: \"\"\n    plainHTTP: true\n",
 		artifactsDir, runtimeClass, ref)), 0o644)
-	km, kmLog, err := d.startAgent("kata-manager", "--config-file", config, "--containerd-config", main,
+	kmArgs := []string{"--config-file", config, "--containerd-config", main,
 		"--containerd-drop-in", dropIn, "--containerd-socket", socket, "--restart-mode", restart,
-		"--load-kernel-modules=false", "--cdi-root", cdiRoot, "--sysfs-root", d.tree.SysfsRoot, "--dev-root", d.tree.DevRoot)
+		"--load-kernel-modules=false", "--cdi-root", cdiRoot}
+	km, kmLog, err := d.startAgent("kata-manager", kmArgs...)
 	if err != nil {
 		return err
 	}
-	if err := waitFile(filepath.Join(artifactsDir, "k8s-kata-manager.pid"), 60*time.Second); err != nil {
-		return fmt.Errorf("kata-manager not ready: %w\n%s", err, kmLog)
+	if restart == "signal" {
+		if err := waitFile(filepath.Join(artifactsDir, "k8s-kata-manager.pid"), 60*time.Second); err != nil {
+			return fmt.Errorf("kata-manager not ready: %w\n%s", err, kmLog)
+		}
+	} else if err := waitLog(kmLog, "restart containerd", 60*time.Second); err != nil {
+		// Without containerd to restart, kata-manager stays unready and says why.
+		return fmt.Errorf("kata-manager: %w\n%s", err, kmLog)
 	}
 	for _, line := range strings.Split(kmLog.String(), "\n") {
 		if strings.Contains(line, "msg=\"download") || strings.Contains(line, "pulled") ||
-			strings.Contains(line, "written") || strings.Contains(line, "restarted") || strings.Contains(line, "ready") {
+			strings.Contains(line, "written") || strings.Contains(line, "restart") || strings.Contains(line, "ready") {
 			say("%s", logMsg(line))
 		}
 	}
@@ -162,6 +168,8 @@ func (d *demo) run() error {
 	kubelet := deviceplugintest.Start(d, pluginDir)
 	plugin, pluginLog, err := d.startAgent("sandbox-device-plugin", "--device-plugin-path", pluginDir,
 		"--sysfs-root", d.tree.SysfsRoot, "--dev-root", d.tree.DevRoot, "--cdi-root", cdiRoot)
+	// A GPU that reaches the kubelet has its CDI names written first: the
+	// device plugin writes every passthrough spec (kata-manager none).
 	if err != nil {
 		return err
 	}
@@ -235,11 +243,22 @@ func (d *demo) run() error {
 		say("cdi     %s", cd.Name)
 	}
 
-	step("Stopping the agents: sockets, CDI specs and containerd entries go")
+	step("A rollout stops the agents: bindings, runtime classes and CDI specs stay (node state)")
 	testbed.Stop(plugin)
 	say("sandbox-device-plugin stopped: %s", lastLine(pluginLog))
 	testbed.Stop(km)
 	say("kata-manager stopped: %s", lastLine(kmLog))
+	kept, _ := os.ReadDir(cdiRoot)
+	stillThere, _ := os.ReadFile(dropIn)
+	say("CDI specs kept: %d; %s still registered: %v", len(kept), runtimeClass, bytes.Contains(stillThere, []byte(runtimeClass)))
+
+	step("Giving the node back, as an administrator does: uninstall, then unbind")
+	if err := d.show("kata-manager", append([]string{"uninstall"}, kmArgs...)...); err != nil {
+		return err
+	}
+	if err := d.show("sandbox-device-plugin", "uninstall", "--cdi-root", cdiRoot); err != nil {
+		return err
+	}
 	after, _ := os.ReadFile(main)
 	say("containerd configuration given back byte for byte: %v", bytes.Equal(after, original))
 	left, _ := os.ReadDir(cdiRoot)
@@ -281,6 +300,17 @@ func (d *demo) startAgent(name string, args ...string) (*exec.Cmd, *testbed.Outp
 	}
 	d.Cleanup(func() { testbed.Stop(cmd) })
 	return cmd, log, nil
+}
+
+func waitLog(log *testbed.Output, text string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for !strings.Contains(log.String(), text) {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no %q in the log after %s", text, timeout)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return nil
 }
 
 func waitFile(path string, timeout time.Duration) error {

@@ -72,7 +72,7 @@ func bootGuest(t *testing.T, script string) *guest {
 	for _, m := range modules {
 		copyFile(t, m, filepath.Join(root, "modules", filepath.Base(m)), 0o644)
 	}
-	for _, b := range []string{"vfio-manager", "discover"} {
+	for _, b := range []string{"vfio-manager", "discover", "vfiouser"} {
 		copyFile(t, filepath.Join(binDir, b), filepath.Join(root, "bin", b), 0o755)
 	}
 	init := `#!/bin/busybox sh
@@ -309,5 +309,72 @@ step after-unbind-all drivers
 	}
 	if !slices.Equal(nodes, []string{"vfio"}) {
 		t.Errorf("/dev/vfio after unbind: %v", nodes)
+	}
+}
+
+// A VM holds a group: a VFIO user (the project's vfiouser, doing what QEMU
+// does) has the bridged group of two edu devices open, one of which had
+// pci-stub before the bind. unbind is refused at once, naming the process,
+// and nothing reaches the kernel: both functions stay on vfio-pci and the
+// user keeps reading its devices. Once it exits, unbind gives each function
+// back to the driver it had and drops the records.
+func TestRealKernelVMHoldsGroup(t *testing.T) {
+	const sel = "--select=1234:11e8"
+	g := bootGuest(t, fmt.Sprintf(`
+group=$(basename $(readlink /sys/bus/pci/devices/%[2]s/iommu_group))
+step stub-mate sh -c 'echo pci-stub > /sys/bus/pci/devices/%[3]s/driver_override && echo %[3]s > /sys/bus/pci/drivers_probe && echo > /sys/bus/pci/devices/%[3]s/driver_override'
+step bind vm bind --device-id %[2]s,%[3]s %[1]s
+vfiouser hold /dev/vfio/$group %[2]s %[3]s > /tmp/vm.log 2>&1 &
+holder=$!
+for i in $(seq 100); do grep -q '^ready' /tmp/vm.log && break; sleep 0.1; done
+step holder cat /tmp/vm.log
+step unbind-held vm unbind --device-id %[2]s,%[3]s %[1]s
+step status-held vm status --json %[1]s
+sleep 0.3
+step holder-alive sh -c "kill -0 $holder && cat /tmp/vm.log"
+step after-refusal drivers
+kill $holder; wait $holder
+step unbind vm unbind --device-id %[2]s,%[3]s %[1]s
+step after-unbind drivers
+step records sh -c 'ls /run/vfio-manager | grep -c json; true'
+step reopen vfiouser hold /dev/vfio/$group %[2]s
+`, sel, eduBehind, eduMate))
+
+	g.step(t, "bind", 0)
+	holder := g.step(t, "holder", 0)
+	pid := regexp.MustCompile(`ready pid=(\d+)`).FindStringSubmatch(holder)
+	if pid == nil || !strings.Contains(holder, "BAR0[0]=0x010000ed") {
+		t.Fatalf("the VFIO user did not take the group (edu's identification register is 0x010000ed):\n%s", holder)
+	}
+	out := g.step(t, "unbind-held", 1)
+	for _, want := range []string{"pid " + pid[1] + " (vfiouser)", "in use", "--force"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("refusal does not say %q:\n%s", want, out)
+		}
+	}
+	var status []statusEntry
+	json.Unmarshal([]byte(g.step(t, "status-held", 0)), &status)
+	for _, e := range status {
+		if (e.Address == eduBehind || e.Address == eduMate) && (len(e.InUseBy) != 1 || !strings.HasPrefix(e.InUseBy[0], pid[1]+" ")) {
+			t.Errorf("status of %s while held: in use by %v", e.Address, e.InUseBy)
+		}
+	}
+	if log := g.step(t, "holder-alive", 0); strings.Contains(log, "lost") {
+		t.Errorf("the VFIO user lost its device:\n%s", log)
+	}
+	if drv, _ := drivers(g.step(t, "after-refusal", 0)); drv[eduBehind] != "vfio-pci" || drv[eduMate] != "vfio-pci" {
+		t.Errorf("a refused unbind touched the group: %v", drv)
+	}
+
+	g.step(t, "unbind", 0)
+	drv, _ := drivers(g.step(t, "after-unbind", 0))
+	if drv[eduBehind] != "" || drv[eduMate] != "pci-stub" {
+		t.Errorf("after unbind: %v; want no driver and pci-stub, as before the bind", drv)
+	}
+	if n := strings.TrimSpace(g.step(t, "records", 0)); n != "0" {
+		t.Errorf("%s state records left after unbind", n)
+	}
+	if out := g.step(t, "reopen", 1); !strings.Contains(out, "open group") {
+		t.Errorf("the group could still be opened after unbind:\n%s", out)
 	}
 }

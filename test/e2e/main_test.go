@@ -51,7 +51,7 @@ func repoRoot() string {
 func buildBinaries(dir string) error {
 	cmd := exec.Command("go", "build", "-o", dir,
 		"-ldflags", "-X github.com/gpu-sandbox/gpu-sandbox/internal/version.Version="+testVersion,
-		"./cmd/...", "./test/e2e/cmd/discover")
+		"./cmd/...", "./test/e2e/cmd/discover", "./test/e2e/cmd/vfiouser")
 	cmd.Dir = repoRoot()
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {

@@ -53,11 +53,3 @@ func FuzzApplyRevert(f *testing.F) {
 		}
 	})
 }
-
-func mustRead(t *testing.T, path string) []byte {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return append(b, '\n')
-}

@@ -48,7 +48,6 @@ type expr struct {
 	// comment is the comment that ends the line, or the comment itself.
 	comment      string
 	commentStart int
-	value        *unstable.Node // a key's value; valid only while parsing
 }
 
 // doc is a TOML document split into expressions.
@@ -56,7 +55,7 @@ type doc struct {
 	raw   []byte
 	eol   string // the line break the file uses
 	exprs []expr
-	// strings holds, for the top-level imports array, each element's value
+	// imports holds, for the top-level imports array, each element's value
 	// and byte range.
 	imports []element
 	hasImps bool

@@ -4,11 +4,13 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	ctd2config "github.com/containerd/containerd/v2/cmd/containerd/server/config"
 
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/containerd"
+	"github.com/gpu-sandbox/gpu-sandbox/test/e2e/testbed"
 )
 
 // A version 3 configuration, as containerd 2.x writes and documents it
@@ -84,4 +86,75 @@ func lookupMap(m map[string]any, keys ...string) (map[string]any, bool) {
 		m = next
 	}
 	return m, true
+}
+
+// The in-place route writes marked text into the administrator's file:
+// containerd itself must read it as meant, on 1.6 (Debian's binary, the
+// running daemon through crictl) and 2.x (its own loader), and revert
+// after the administrator's edits next to our lines keeps their bytes.
+func TestInPlaceEditsLoadInContainerd(t *testing.T) {
+	settings := containerd.Settings{Runtimes: []containerd.Runtime{{
+		Name: "kata-qemu-nvidia-gpu", Type: "io.containerd.kata-qemu-nvidia-gpu.v2", ConfigPath: "/opt/k/config.toml",
+		PodAnnotations: []string{"io.katacontainers.*", "cdi.k8s.io/*"}}}, CDISpecDirs: []string{"/etc/cdi", "/var/run/cdi"}}
+
+	t.Run("containerd 1.6", func(t *testing.T) {
+		n := newKataNode(t, "")
+		e := containerd.NewEditor(n.main, "")
+		if _, err := e.Apply(settings); err != nil {
+			t.Fatal(err)
+		}
+		ctd := testbed.StartContainerd(t, n.main, n.socket())
+		runtimes := criRuntimes(t, ctd.Socket)
+		if runtimes["kata-qemu-nvidia-gpu"] == nil || runtimes["runc"] == nil {
+			t.Fatalf("CRI runtimes: %v", runtimes)
+		}
+		// The administrator edits the line above our CDI lines and adds a
+		// table after our block; drift repair runs; then revert.
+		b, _ := os.ReadFile(n.main)
+		edited := strings.Replace(string(b), "pause:3.9", "pause:3.10", 1) + "\n[metrics]\n  address = \"127.0.0.1:1338\"\n"
+		os.WriteFile(n.main, []byte(edited), 0o644)
+		if _, err := e.Apply(settings); err != nil {
+			t.Fatal(err)
+		}
+		dump := dumpConfig(t, n.main)
+		for _, want := range []string{"runtimes.kata-qemu-nvidia-gpu]", "pause:3.10", "127.0.0.1:1338"} {
+			if !strings.Contains(dump, want) {
+				t.Errorf("containerd's reading lacks %s:\n%s", want, dump)
+			}
+		}
+		if _, err := e.Revert(); err != nil {
+			t.Fatal(err)
+		}
+		want := strings.Replace(string(n.original), "pause:3.9", "pause:3.10", 1) + "\n[metrics]\n  address = \"127.0.0.1:1338\"\n"
+		if got, _ := os.ReadFile(n.main); string(got) != want {
+			t.Errorf("after revert:\n%s\nwant\n%s", got, want)
+		}
+	})
+
+	t.Run("containerd 2", func(t *testing.T) {
+		main := filepath.Join(t.TempDir(), "config.toml")
+		os.WriteFile(main, []byte(containerd2Config), 0o644)
+		e := containerd.NewEditor(main, "")
+		if _, err := e.Apply(settings); err != nil {
+			t.Fatal(err)
+		}
+		var cfg ctd2config.Config
+		if err := ctd2config.LoadConfig(context.Background(), main, &cfg); err != nil {
+			t.Fatalf("containerd 2 cannot load the configuration: %v", err)
+		}
+		cri, _ := cfg.Plugins["io.containerd.cri.v1.runtime"].(map[string]any)
+		runtimes, _ := lookupMap(cri, "containerd", "runtimes")
+		if kata, _ := runtimes["kata-qemu-nvidia-gpu"].(map[string]any); kata["runtime_type"] != "io.containerd.kata-qemu-nvidia-gpu.v2" {
+			t.Errorf("kata runtime as containerd 2 reads it: %v", runtimes)
+		}
+		if cri["enable_cdi"] != true || cri["enable_selinux"] != false {
+			t.Errorf("CRI runtime settings: %v", cri)
+		}
+		if _, err := e.Revert(); err != nil {
+			t.Fatal(err)
+		}
+		if b, _ := os.ReadFile(main); string(b) != containerd2Config {
+			t.Errorf("not given back byte for byte:\n%s", b)
+		}
+	})
 }

@@ -20,7 +20,6 @@ import (
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 	cdiapi "tags.cncf.io/container-device-interface/pkg/cdi"
 
-	"github.com/gpu-sandbox/gpu-sandbox/pkg/containerd"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/deviceplugin/deviceplugintest"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio/vfiotest"
 )
@@ -605,7 +604,6 @@ func TestKataManagerBadInput(t *testing.T) {
 	})
 }
 
-// containerdReady waits for the supervised containerd to answer again.
 // eventually polls cond until it holds, failing the test after 20s.
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
@@ -616,10 +614,6 @@ func eventually(t *testing.T, what string, cond func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-}
-
-func containerdReady(socket string) error {
-	return containerd.NewRestarter(containerd.RestartNone, socket, "/", 30*time.Second).WaitReady(context.Background())
 }
 
 // The daemon repairs drift: a drop-in someone removed, an import someone

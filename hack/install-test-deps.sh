@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what `make test` needs and a fresh machine lacks: Debian's
 # containerd, runc, docker-registry, qemu-system-x86 and busybox-static, the
-# pinned oras and crictl CLIs (built with go install into .cache/bin), and
-# the test kernel (hack/fetch-kernel.sh, into .cache/kernel). Each step is skipped when its
+# pinned oras and crictl CLIs (built with go install into .cache/bin), the
+# containerd releases whose configuration loading is checked
+# (hack/fetch-containerd.sh, into .cache/containerd), and the test kernel
+# (hack/fetch-kernel.sh, into .cache/kernel). Each step is skipped when its
 # program is already there, so a second run costs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,4 +25,5 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 hack/tool.sh oras version >/dev/null
 hack/tool.sh crictl --version >/dev/null
+hack/fetch-containerd.sh
 hack/fetch-kernel.sh >/dev/null

@@ -21,6 +21,10 @@ var (
 	// ErrInvalidConfig means a containerd configuration is not TOML that
 	// containerd would load; nothing was changed.
 	ErrInvalidConfig = errors.New("invalid containerd configuration")
+	// ErrNotEffective means containerd, loading the configuration by the
+	// rules of its release, would not serve a runtime as written or would
+	// lose one; nothing was changed.
+	ErrNotEffective = errors.New("not in containerd's effective configuration")
 	// ErrRuntimeExists means a runtime of the name to add is already defined
 	// by someone else (an administrator, kata-deploy); it is not replaced.
 	ErrRuntimeExists = errors.New("runtime already defined")

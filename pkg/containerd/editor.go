@@ -2,6 +2,7 @@ package containerd
 
 import (
 	"bytes"
+	"maps"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -38,6 +39,10 @@ type Settings struct {
 	// CDISpecDirs, when not nil, enables CDI with these spec directories
 	// (containerd 1.7 and later; 1.6 ignores the keys).
 	CDISpecDirs []string
+	// Release is the containerd that loads the configuration, whose rules
+	// decide where entries go and what the effective result is. Zero:
+	// guessed from the main file's schema (ReleaseForSchema).
+	Release Release
 }
 
 // Editor adds and removes Settings in a containerd configuration, either in
@@ -54,18 +59,28 @@ type Settings struct {
 type Editor struct {
 	config string
 	dropIn string
+	// importEntry is how the main configuration names the drop-in.
+	importEntry string
 }
 
 // NewEditor edits the configuration at configPath through the drop-in file
-// dropInPath, or in place when dropInPath is "".
+// dropInPath, or in place when dropInPath is "". A relative dropInPath is
+// relative to the directory of configPath, and the import is written so:
+// containerd resolves it the same way, so the entry is right on the host
+// however the directory is mounted where the Editor runs.
 func NewEditor(configPath, dropInPath string) *Editor {
-	return &Editor{config: configPath, dropIn: dropInPath}
+	e := &Editor{config: configPath, dropIn: dropInPath, importEntry: dropInPath}
+	if dropInPath != "" && !filepath.IsAbs(dropInPath) {
+		e.dropIn = filepath.Join(filepath.Dir(configPath), dropInPath)
+	}
+	return e
 }
 
 // state is what the Editor changed, kept beside the configuration.
 type state struct {
 	Route  string `json:"route"`            // "drop-in" or "in-place"
 	DropIn string `json:"dropIn,omitempty"` // the drop-in the main file imports
+	Import string `json:"import,omitempty"` // the imports entry naming it
 	// Created is set while the main configuration is a file this package
 	// created and nobody else has written since: Revert removes it.
 	Created bool `json:"created,omitempty"`
@@ -127,10 +142,10 @@ func digestOf(b []byte) string {
 	return hex.EncodeToString(sum[:])
 }
 
-// ours lists the drop-ins whose imports entries this package added.
+// ours lists the imports entries this package added, as written.
 func (e *Editor) ours(st *state) []string {
 	var out []string
-	for _, p := range []string{e.dropIn, st.DropIn} {
+	for _, p := range []string{e.importEntry, e.dropIn, st.Import, st.DropIn} {
 		if p != "" && !slices.Contains(out, p) {
 			out = append(out, p)
 		}
@@ -140,11 +155,24 @@ func (e *Editor) ours(st *state) []string {
 
 // Apply makes the configuration hold exactly these settings: entries of
 // earlier Applies that are no longer wanted go. It reports whether a file
-// changed, which means containerd must be restarted to see it. A runtime
-// of the same name that someone else defined in the main configuration is
-// not replaced (ErrRuntimeExists).
+// changed, which means containerd must be restarted to see it.
+//
+// The contract is containerd's effective configuration, computed by the
+// rules of the release (see LoadEffective), not the files: Apply writes
+// nothing unless, with its entries, containerd would load the
+// configuration, serve every runtime and setting it served before
+// unchanged, and serve ours as written. Where the entries go is chosen to
+// make that so: the table the administrator's runtimes live in, and, for
+// containerd 1.x, which replaces a plugin's table with each file that has
+// it, a drop-in loaded after the others that carries their effective table.
+// A runtime of the same name defined elsewhere (ErrRuntimeExists), a
+// configuration containerd would not load, or one that already loses a
+// runtime before we touch it, is reported and nothing is changed.
 func (e *Editor) Apply(s Settings) (bool, error) {
 	e.removeTemps()
+	if _, err := e.target(); err != nil {
+		return false, err
+	}
 	cfg, err := Load(e.config)
 	if err != nil {
 		return false, err
@@ -168,92 +196,291 @@ func (e *Editor) Apply(s Settings) (bool, error) {
 		return false, fmt.Errorf("%w %q: %w", ErrInvalidConfig, e.config, err)
 	}
 	admin := &Config{Path: e.config, Raw: base, tree: baseTree}
-	version := admin.Version()
-	plugin, err := criPlugin(version)
+	release := s.Release
+	if release.IsZero() {
+		release = ReleaseForSchema(admin.Version())
+	}
+
+	// containerd's reading of the administrator's configuration, without us.
+	without := overlay{e.config: base}
+	for _, p := range []string{e.dropIn, st.DropIn} {
+		if p != "" {
+			without[p] = nil
+		}
+	}
+	before, err := loadEffective(e.config, release, without)
 	if err != nil {
+		return false, fmt.Errorf("containerd's configuration as it is: %w", err)
+	}
+	if release.Major < 2 && before.Schema > 2 {
+		return false, fmt.Errorf("%w: containerd %s does not read a version %d configuration (%q): it runs on its defaults",
+			ErrInvalidConfig, release, before.Schema, e.config)
+	}
+	if err := alreadyLost(before); err != nil {
 		return false, err
 	}
 	for _, r := range s.Runtimes {
-		if admin.Runtime(r.Name) != nil {
-			return false, fmt.Errorf("%w: runtime %q is already defined in %q, not by gpu-sandbox: remove it or give the runtime class another name",
-				ErrRuntimeExists, r.Name, e.config)
+		if f, ok := before.Defined[r.Name]; ok {
+			return false, fmt.Errorf("%w: runtime %q is already defined in %q, not by gpu-sandbox: remove it there or give the runtime class another name",
+				ErrRuntimeExists, r.Name, f)
 		}
 	}
 
-	changed := false
-	var main []byte
-	if e.dropIn == "" {
-		st.Route = "in-place"
-		if main, err = addInPlace(base, plugin, s); err != nil {
-			return false, fmt.Errorf("edit containerd config %q: %w", e.config, err)
+	var tried []error
+	for _, c := range e.candidates(base, admin, before, release, s) {
+		if c.err != nil {
+			tried = append(tried, c.err)
+			continue
 		}
-	} else {
-		st.Route = "drop-in"
-		body, err := dropInBody(admin, version, plugin, s, e.config)
+		with := maps.Clone(without)
+		with[e.config] = c.main
+		if e.dropIn != "" {
+			with[e.dropIn] = c.dropIn
+		}
+		after, err := loadEffective(e.config, release, with)
+		if err == nil {
+			err = verify(before, after, s)
+		}
 		if err != nil {
-			return false, fmt.Errorf("write containerd drop-in %q: %w", e.dropIn, err)
+			tried = append(tried, fmt.Errorf("%s: %w", c.name, err))
+			continue
 		}
-		if main, err = addImport(base, e.dropIn); err != nil {
-			return false, fmt.Errorf("edit containerd config %q: %w", e.config, err)
+		return e.write(cfg, st, base, c)
+	}
+	return false, fmt.Errorf("%w: no way to add the runtimes to %q that containerd %s would read as written: %w",
+		ErrNotEffective, e.config, release, errors.Join(tried...))
+}
+
+// candidate is one way of placing the entries.
+type candidate struct {
+	name         string
+	main, dropIn []byte
+	route        string
+	err          error
+}
+
+// candidates lists the placements worth trying, the likeliest first.
+func (e *Editor) candidates(base []byte, admin *Config, before *Effective, r Release, s Settings) []candidate {
+	var out []candidate
+	if e.dropIn == "" {
+		for _, plugin := range e.plugins(admin, before, r) {
+			c := candidate{name: "in place under " + plugin, route: "in-place"}
+			if c.main, c.err = addInPlace(base, r, plugin, s); c.err != nil {
+				c.err = fmt.Errorf("edit containerd config %q: %w", e.config, c.err)
+			}
+			out = append(out, c)
 		}
+		return out
+	}
+	main, err := addImport(base, e.importEntry)
+	if err != nil {
+		return []candidate{{err: fmt.Errorf("edit containerd config %q: %w", e.config, err)}}
+	}
+	type variant struct {
+		schema int // 0: no version line
+		plugin string
+	}
+	var variants []variant
+	if r.Major < 2 {
+		schema := before.Schema
+		if admin.Empty() {
+			schema = admin.Version() // the version addImport gives the file
+		}
+		variants = []variant{{schema, r.runtimePlugin(schema)}}
+	} else {
+		for _, plugin := range e.plugins(admin, before, r) {
+			schema := admin.Version()
+			if plugin == pluginGRPCCRI {
+				schema = 2
+			}
+			variants = append(variants, variant{schema, plugin})
+		}
+		variants = append(variants, variant{r.maxSchema(), pluginCRIRuntime}, variant{0, pluginCRIRuntime}, variant{2, pluginGRPCCRI})
+	}
+	var seen []variant
+	for _, v := range variants {
+		if slices.Contains(seen, v) {
+			continue
+		}
+		seen = append(seen, v)
+		c := candidate{name: fmt.Sprintf("drop-in under %s, version %d", v.plugin, v.schema), route: "drop-in", main: main}
+		if c.dropIn, c.err = dropInBody(before, r, v.schema, v.plugin, s, e.config); c.err != nil {
+			c.err = fmt.Errorf("write containerd drop-in %q: %w", e.dropIn, c.err)
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
+// plugins lists the CRI plugin tables to put runtimes in: the one the
+// administrator's runtimes already live in first (AKS writes version 2
+// files with io.containerd.cri.v1.runtime), then the one the schema says.
+func (e *Editor) plugins(admin *Config, before *Effective, r Release) []string {
+	var out []string
+	add := func(p string) {
+		if p != "" && !slices.Contains(out, p) {
+			out = append(out, p)
+		}
+	}
+	for _, p := range []string{pluginCRIRuntime, pluginGRPCCRI, pluginCRIv1} {
+		if r.Major < 2 && p == pluginCRIRuntime {
+			continue
+		}
+		if lookup(admin.tree, "plugins", p, "containerd", "runtimes") != nil {
+			add(p)
+		}
+	}
+	if plugin, err := criPlugin(admin.Version()); err == nil {
+		add(plugin)
+	}
+	if r.Major >= 2 {
+		add(pluginCRIRuntime)
+	}
+	return out
+}
+
+// alreadyLost reports runtimes that a file defines and containerd's reading
+// of the configuration, before any change of ours, does not have.
+func alreadyLost(before *Effective) error {
+	have := before.Runtimes()
+	var errs []error
+	for _, name := range slices.Sorted(maps.Keys(before.Defined)) {
+		if have[name] == nil {
+			errs = append(errs, fmt.Errorf("runtime %q of %q", name, before.Defined[name]))
+		}
+	}
+	if len(errs) == 0 {
+		return nil
+	}
+	return fmt.Errorf("%w: containerd %s already loses, before any change: %w; fix the configuration first (with containerd 1.x, the last file with the CRI plugin's table replaces the others')",
+		ErrNotEffective, before.Release, errors.Join(errs...))
+}
+
+// verify holds the contract: every runtime and setting containerd served
+// before is served unchanged, ours as written, CDI as asked.
+func verify(before, after *Effective, s Settings) error {
+	had, has := before.Runtimes(), after.Runtimes()
+	var errs []error
+	for _, name := range slices.Sorted(maps.Keys(had)) {
+		if !sameValue(has[name], had[name]) {
+			errs = append(errs, fmt.Errorf("runtime %q would be lost or changed", name))
+		}
+	}
+	for _, r := range s.Runtimes {
+		got := has[r.Name]
+		if got == nil {
+			errs = append(errs, fmt.Errorf("runtime %q would not be served (the CRI table containerd reads comes from %q)", r.Name, lastFile(after)))
+			continue
+		}
+		if got["runtime_type"] != r.Type || lookup(got, "options", "ConfigPath") != r.ConfigPath {
+			errs = append(errs, fmt.Errorf("runtime %q would be %q's, not ours", r.Name, after.Owner[r.Name]))
+		}
+	}
+	for k, v := range before.CRI {
+		if k == "containerd" || k == "enable_cdi" || k == "cdi_spec_dirs" {
+			continue
+		}
+		if !sameValue(after.CRI[k], v) {
+			errs = append(errs, fmt.Errorf("setting %s would change", k))
+		}
+	}
+	for k, v := range lookupTable(before.CRI, "containerd") {
+		if k != "runtimes" && !sameValue(lookup(after.CRI, "containerd", k), v) {
+			errs = append(errs, fmt.Errorf("setting containerd.%s would change", k))
+		}
+	}
+	if s.CDISpecDirs != nil && (after.CRI["enable_cdi"] != true || !sameValue(after.CRI["cdi_spec_dirs"], s.CDISpecDirs)) {
+		errs = append(errs, errors.New("CDI would not be enabled"))
+	}
+	return errors.Join(errs...)
+}
+
+func lookupTable(t map[string]any, keys ...string) map[string]any {
+	m, _ := lookup(t, keys...).(map[string]any)
+	return m
+}
+
+func lastFile(e *Effective) string {
+	if len(e.Files) == 0 {
+		return ""
+	}
+	return e.Files[len(e.Files)-1]
+}
+
+// write puts the chosen placement on disk: the drop-in before the main file
+// that imports it, since an import of a missing file stops containerd.
+func (e *Editor) write(cfg *Config, st *state, base []byte, c candidate) (bool, error) {
+	changed := false
+	st.Route = c.route
+	if c.route == "drop-in" {
 		if err := os.MkdirAll(filepath.Dir(e.dropIn), 0o755); err != nil {
 			return false, fmt.Errorf("write containerd drop-in: %w", err)
 		}
-		// The drop-in first: an import of a missing file would stop containerd.
-		if changed, err = atomicfile.WriteFileIfChanged(e.dropIn, body, 0o644); err != nil {
+		var err error
+		if changed, err = atomicfile.WriteFileIfChanged(e.dropIn, c.dropIn, 0o644); err != nil {
 			return false, err
 		}
 		if changed {
 			st.Changed = now()
 		}
 	}
-	if cfg.Raw == nil || !bytes.Equal(main, cfg.Raw) {
-		if err := e.writeMain(cfg, st, base, main); err != nil {
+	if cfg.Raw == nil || !bytes.Equal(c.main, cfg.Raw) {
+		if err := e.writeMain(cfg, st, base, c.main); err != nil {
 			return changed, err
 		}
 		changed = true
 	}
 	if old := st.DropIn; old != "" && old != e.dropIn {
-		// The route changed: the old drop-in is no longer imported.
+		// The route or the path changed: the old drop-in is no longer imported.
 		if err := atomicfile.Remove(old); err != nil {
 			return changed, err
 		}
 	}
-	st.DropIn = e.dropIn
+	st.DropIn, st.Import = e.dropIn, e.importEntry
 	return changed, e.saveState(st)
 }
 
-// dropInBody is the drop-in's content: the settings under the CRI plugin's
-// table. containerd 1.x replaces a plugin's table wholesale with an imported
-// one, so for schema 1 and 2 it carries a copy of the main file's table;
-// containerd 2.x merges imported tables into the main ones.
-func dropInBody(admin *Config, version int, plugin string, s Settings, mainPath string) ([]byte, error) {
-	var cri map[string]any
-	if version >= 3 {
-		cri = map[string]any{}
-	} else {
-		cri, _ = deepCopy(lookup(admin.tree, "plugins", plugin)).(map[string]any)
-		if cri == nil {
-			cri = map[string]any{}
+// dropInBody is the drop-in's content: the settings under the plugin's
+// table, with the schema version given (none for 0). containerd 1.x
+// replaces a plugin's table wholesale with each file that has it, so there
+// the drop-in carries the effective table of everything loaded before it;
+// containerd 2.x merges tables, and the drop-in holds only our entries.
+func dropInBody(before *Effective, r Release, schema int, plugin string, s Settings, mainPath string) ([]byte, error) {
+	cri := map[string]any{}
+	if r.Major < 2 {
+		if t, ok := deepCopy(before.CRI).(map[string]any); ok && t != nil {
+			cri = t
 		}
-		runtimes := table(cri, "containerd", "runtimes")
-		if name, t := defaultRuntime(cri); t != nil && runtimes[name] == nil {
+	}
+	runtimes := table(cri, "containerd", "runtimes")
+	if r.Major < 2 && len(before.Runtimes()) == 0 && len(s.Runtimes) > 0 {
+		if name, t := defaultRuntime(before.CRI, r); t != nil && runtimes[name] == nil {
 			runtimes[name] = t
 		}
 	}
-	for _, r := range s.Runtimes {
-		table(cri, "containerd", "runtimes")[r.Name] = runtimeTable(r)
+	for _, rt := range s.Runtimes {
+		runtimes[rt.Name] = runtimeTable(rt)
+	}
+	if len(runtimes) == 0 {
+		delete(table(cri, "containerd"), "runtimes")
+		if len(table(cri, "containerd")) == 0 {
+			delete(cri, "containerd")
+		}
 	}
 	if s.CDISpecDirs != nil {
 		cri["enable_cdi"] = true
 		cri["cdi_spec_dirs"] = s.CDISpecDirs
 	}
-	body, err := toml.Marshal(map[string]any{"version": version, "plugins": map[string]any{plugin: cri}})
+	doc := map[string]any{"plugins": map[string]any{plugin: cri}}
+	if schema != 0 {
+		doc["version"] = schema
+	}
+	body, err := toml.Marshal(doc)
 	if err != nil {
 		return nil, err
 	}
 	return append([]byte("# Written by gpu-sandbox kata-manager; kata-manager uninstall removes it.\n"+
-		"# It is regenerated from "+mainPath+" on every reconcile: edit that file instead.\n"), body...), nil
+		"# It is regenerated from "+mainPath+" and its imports on every reconcile: edit those instead.\n"), body...), nil
 }
 
 // writeMain replaces the main configuration, keeping the administrator's
@@ -276,7 +503,11 @@ func (e *Editor) writeMain(cfg *Config, st *state, base, main []byte) error {
 	if err := os.MkdirAll(filepath.Dir(e.config), 0o755); err != nil {
 		return err
 	}
-	return atomicfile.WriteFile(e.config, main, mode(e.config, 0o644))
+	target, err := e.target()
+	if err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(target, main, mode(target, 0o644))
 }
 
 func mode(path string, def fs.FileMode) fs.FileMode {
@@ -305,18 +536,36 @@ func runtimeTable(r Runtime) map[string]any {
 }
 
 // defaultRuntime is the runtime containerd uses when a pod names none.
-// Setting any runtime replaces containerd's built-in runtimes map, so the
-// built-in runc must then be spelled out or pods without a RuntimeClass
-// stop starting.
-func defaultRuntime(cri map[string]any) (string, map[string]any) {
+// On containerd 1.x, setting any runtime replaces the built-in runtimes
+// map, so the built-in runc must then be spelled out, as the release
+// defines it, or pods without a RuntimeClass stop starting (2.x merges it).
+func defaultRuntime(cri map[string]any, r Release) (string, map[string]any) {
 	name, _ := lookup(cri, "containerd", "default_runtime_name").(string)
 	if name == "" {
 		name = "runc"
 	}
-	if name != "runc" {
-		return name, nil // only the built-in one is known
+	if name != "runc" || r.Major >= 2 {
+		return name, nil // only the built-in one is known, and only 1.x drops it
 	}
-	return name, map[string]any{"runtime_type": "io.containerd.runc.v2"}
+	t := map[string]any{"runtime_type": "io.containerd.runc.v2"}
+	if r.Minor >= 7 {
+		t["sandbox_mode"] = "podsandbox"
+	}
+	return name, t
+}
+
+// target is the file the main configuration's bytes live in: the link's
+// target when it is a symbolic link, which stays a link.
+func (e *Editor) target() (string, error) {
+	fi, err := os.Lstat(e.config)
+	if err != nil || fi.Mode()&os.ModeSymlink == 0 {
+		return e.config, nil
+	}
+	t, err := filepath.EvalSymlinks(e.config)
+	if err != nil {
+		return "", fmt.Errorf("%w: %q is a symbolic link to nothing: %w", ErrInvalidConfig, e.config, err)
+	}
+	return t, nil
 }
 
 // Revert takes out every entry Apply added, from the configuration as it
@@ -350,7 +599,11 @@ func (e *Editor) Revert() (bool, error) {
 			return false, fmt.Errorf("%w %q: %w", ErrInvalidConfig, e.config, err)
 		}
 		if !bytes.Equal(base, raw) {
-			if err := atomicfile.WriteFile(e.config, base, mode(e.config, 0o644)); err != nil {
+			target, err := e.target()
+			if err != nil {
+				return false, err
+			}
+			if err := atomicfile.WriteFile(target, base, mode(target, 0o644)); err != nil {
 				return false, err
 			}
 			changed = true

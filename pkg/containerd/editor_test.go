@@ -201,7 +201,10 @@ func TestImportsAlreadyThereOrMultiline(t *testing.T) {
 		t.Errorf("a glob that covers the drop-in was extended:\n%s", got)
 	}
 
-	multi := "version = 2\nimports = [\n  \"/etc/a.toml\", # first\n  '/etc/b.toml',\n]\n[plugins]\n"
+	a, b := filepath.Join(filepath.Dir(cfg), "a.toml"), filepath.Join(filepath.Dir(cfg), "b.toml")
+	os.WriteFile(a, []byte("[debug]\n  level = \"info\"\n"), 0o644)
+	os.WriteFile(b, nil, 0o644)
+	multi := "version = 2\nimports = [\n  \"" + a + "\", # first\n  '" + b + "',\n]\n[plugins]\n"
 	os.WriteFile(cfg, []byte(multi), 0o644)
 	os.Remove(cfg + ".gpu-sandbox.json")
 	os.Remove(cfg + ".gpu-sandbox.bak")
@@ -345,8 +348,10 @@ func TestRevertAfterAdminRewrite(t *testing.T) {
 // our block. Revert keeps each of them.
 func TestRevertAfterEditsNextToOurs(t *testing.T) {
 	routes(t, func(t *testing.T, useDropIn bool) {
-		withImports := strings.Replace(userV2, "version = 2\n", "version = 2\nimports = [\"/etc/containerd/base.toml\"]\n", 1)
+		withImports := strings.Replace(userV2, "version = 2\n", "version = 2\nimports = [\"base.toml\"]\n", 1)
 		cfg, dropIn := files(t, withImports)
+		os.WriteFile(filepath.Join(filepath.Dir(cfg), "base.toml"), []byte("[debug]\n  level = \"info\"\n"), 0o644)
+		os.WriteFile(filepath.Join(filepath.Dir(cfg), "site.toml"), []byte("[debug]\n  level = \"info\"\n"), 0o644)
 		e := editor(cfg, dropIn, useDropIn)
 		if _, err := e.Apply(settings); err != nil {
 			t.Fatal(err)
@@ -355,8 +360,8 @@ func TestRevertAfterEditsNextToOurs(t *testing.T) {
 		edited := applied
 		want := withImports
 		if useDropIn {
-			edited = strings.Replace(edited, "\""+dropIn+"\"]", "\""+dropIn+"\", \"/etc/containerd/site.toml\"]", 1)
-			want = strings.Replace(want, "base.toml\"]", "base.toml\", \"/etc/containerd/site.toml\"]", 1)
+			edited = strings.Replace(edited, "\""+dropIn+"\"]", "\""+dropIn+"\", \"site.toml\"]", 1)
+			want = strings.Replace(want, "base.toml\"]", "base.toml\", \"site.toml\"]", 1)
 		} else {
 			// The line before our CDI lines, and a table after our block.
 			edited = strings.Replace(edited, "pause:3.9", "pause:3.10", 1) + "[debug]\n  level = \"info\"\n"
@@ -468,4 +473,41 @@ func TestInvalidConfigChangesNothing(t *testing.T) {
 			t.Errorf("files changed: %v", entries)
 		}
 	}
+}
+
+// A symbolic link stays one: the target is edited; a dangling link is an
+// error and nothing is written.
+func TestSymlinkedConfig(t *testing.T) {
+	routes(t, func(t *testing.T, useDropIn bool) {
+		cfg, dropIn := files(t, "\x00missing")
+		real := filepath.Join(filepath.Dir(cfg), "real", "containerd.toml")
+		os.MkdirAll(filepath.Dir(real), 0o755)
+		os.WriteFile(real, []byte(userV2), 0o644)
+		os.Symlink("real/containerd.toml", cfg)
+		e := editor(cfg, dropIn, useDropIn)
+		if _, err := e.Apply(settings); err != nil {
+			t.Fatal(err)
+		}
+		if fi, err := os.Lstat(cfg); err != nil || fi.Mode()&os.ModeSymlink == 0 {
+			t.Fatal("the link was replaced")
+		}
+		if got := mustReadFile(t, real); !strings.Contains(got, "gpu-sandbox") {
+			t.Errorf("the target was not edited:\n%s", got)
+		}
+		if _, err := e.Revert(); err != nil {
+			t.Fatal(err)
+		}
+		if got := mustReadFile(t, real); got != userV2 {
+			t.Errorf("after Revert:\n%s", got)
+		}
+
+		os.Remove(real)
+		_, err := editor(cfg, dropIn, useDropIn).Apply(settings)
+		if !errors.Is(err, containerd.ErrInvalidConfig) || !strings.Contains(err.Error(), "symbolic link") {
+			t.Errorf("dangling link: %v", err)
+		}
+		if _, err := os.Stat(dropIn); err == nil {
+			t.Error("drop-in written for a dangling link")
+		}
+	})
 }

@@ -15,17 +15,17 @@ import (
 // with the settings added as marked text: keys of the CRI table set on
 // their own lines (or replaced in place, keeping the old text in the
 // marker), and the runtime tables in one block at the end.
-func addInPlace(base []byte, plugin string, s Settings) ([]byte, error) {
+func addInPlace(base []byte, r Release, plugin string, s Settings) ([]byte, error) {
 	if len(s.Runtimes) == 0 && s.CDISpecDirs == nil {
 		return base, nil
 	}
 	if base == nil {
-		return addInPlaceTo(nil, plugin, s)
+		return addInPlaceTo(nil, r, plugin, s)
 	}
-	return withFinalBreak(base, func(work []byte, _ string) ([]byte, error) { return addInPlaceTo(work, plugin, s) })
+	return withFinalBreak(base, func(work []byte, _ string) ([]byte, error) { return addInPlaceTo(work, r, plugin, s) })
 }
 
-func addInPlaceTo(base []byte, plugin string, s Settings) ([]byte, error) {
+func addInPlaceTo(base []byte, r Release, plugin string, s Settings) ([]byte, error) {
 	d, err := parseDoc(base)
 	if err != nil {
 		return nil, err
@@ -88,9 +88,9 @@ func addInPlaceTo(base []byte, plugin string, s Settings) ([]byte, error) {
 	for _, r := range s.Runtimes {
 		tables[r.Name] = runtimeTable(r)
 	}
-	if len(tables) > 0 {
+	if len(tables) > 0 && len(existing) == 0 {
 		cfg, _ := lookup(tree, cri...).(map[string]any)
-		if name, t := defaultRuntime(cfg); t != nil && existing[name] == nil {
+		if name, t := defaultRuntime(cfg, r); t != nil {
 			tables[name] = t
 		}
 	}

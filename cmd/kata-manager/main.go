@@ -40,7 +40,7 @@ func run() error {
 	fs.StringVar(&cfg.ConfigFile, "config-file", katamanager.DefaultConfigFile, "runtime classes and their artifacts (YAML, as the GPU Operator writes it)")
 	fs.StringVar(&cfg.ArtifactsDir, "artifacts-dir", "", "where artifacts go; overrides artifactsDir of the config file")
 	fs.StringVar(&cfg.ContainerdConfig, "containerd-config", containerd.DefaultConfigPath, "containerd's main configuration")
-	fs.StringVar(&cfg.ContainerdDropIn, "containerd-drop-in", containerd.DefaultDropInPath, "drop-in file for the runtime entries; empty edits the main configuration in place")
+	fs.StringVar(&cfg.ContainerdDropIn, "containerd-drop-in", containerd.DefaultDropInPath, "drop-in file for the runtime entries, relative to the main configuration's directory (imported so) or absolute as on the host; empty edits the main configuration in place")
 	fs.StringVar(&cfg.ContainerdSocket, "containerd-socket", containerd.DefaultSocket, "containerd's socket")
 	fs.StringVar(&cfg.RestartMode, "restart-mode", string(containerd.RestartSignal), "how containerd is restarted: signal, systemd or none")
 	fs.DurationVar(&cfg.RestartTimeout, "restart-timeout", katamanager.DefaultRestartTimeout, "how long containerd may take to answer after a restart")

@@ -16,6 +16,7 @@ import (
 	"runtime/debug"
 	"slices"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -84,6 +85,54 @@ type agent struct {
 	failures    map[string]int       // runtime class → failed reconciles in a row
 	retryAt     map[string]time.Time // runtime class → no pull before
 	restartOwed string               // why containerd has not loaded what was written; "" when it has
+	release     containerd.Release   // the containerd on the node, as it last said
+}
+
+// containerdRelease is the running containerd's release line, whose rules
+// decide how its configuration is read; the last one it told, or zero
+// (the configuration's schema decides) when it never answered.
+func (a *agent) containerdRelease(ctx context.Context) containerd.Release {
+	r, err := a.restarter.Release(ctx)
+	switch {
+	case err == nil && r != a.release:
+		a.log.WithFields(logrus.Fields{"socket": a.cfg.ContainerdSocket, "release": r.String()}).Info("containerd release")
+		a.release = r
+	case err != nil && a.release.IsZero():
+		a.log.WithError(err).Debug("containerd's release unknown; its configuration's version decides")
+	}
+	return a.release
+}
+
+// containerdDirs lists the directories whose files make up containerd's
+// configuration: the main file's (and its link target's), the drop-in's,
+// and those of every import, so that a file another tool adds or changes
+// there (nvidia-ctk's drop-in, say) is seen at once.
+func (a *agent) containerdDirs() []string {
+	dirs := []string{filepath.Dir(a.cfg.ContainerdConfig)}
+	if t, err := filepath.EvalSymlinks(a.cfg.ContainerdConfig); err == nil {
+		dirs = append(dirs, filepath.Dir(t))
+	}
+	if d := a.dropInPath(); d != "" {
+		dirs = append(dirs, filepath.Dir(d))
+	}
+	release := a.release
+	if release.IsZero() {
+		release = containerd.Release17
+	}
+	if e, err := containerd.LoadEffective(a.cfg.ContainerdConfig, release); err == nil {
+		dirs = append(dirs, e.Dirs...)
+	}
+	return dirs
+}
+
+// dropInPath is the drop-in as a path here: relative ones are relative to
+// the main configuration's directory.
+func (a *agent) dropInPath() string {
+	d := a.cfg.ContainerdDropIn
+	if d != "" && !filepath.IsAbs(d) {
+		d = filepath.Join(filepath.Dir(a.cfg.ContainerdConfig), d)
+	}
+	return d
 }
 
 func newAgent(cfg Config) (*agent, error) {
@@ -201,7 +250,7 @@ func (a *agent) reconcile(ctx context.Context) error {
 			runtimes = append(runtimes, *r)
 		}
 	}
-	settings := containerd.Settings{Runtimes: runtimes}
+	settings := containerd.Settings{Runtimes: runtimes, Release: a.containerdRelease(ctx)}
 	if a.cfg.CDIEnabled {
 		settings.CDISpecDirs = []string{"/etc/cdi", a.cfg.CDIRoot}
 	}
@@ -210,7 +259,7 @@ func (a *agent) reconcile(ctx context.Context) error {
 		return errors.Join(append(errs, err)...)
 	}
 	if changed {
-		a.log.WithFields(logrus.Fields{"config": a.cfg.ContainerdConfig, "drop-in": a.cfg.ContainerdDropIn,
+		a.log.WithFields(logrus.Fields{"config": a.cfg.ContainerdConfig, "drop-in": a.dropInPath(),
 			"runtimes": names(runtimes)}).Info("containerd configuration written")
 	}
 	if err := a.loadConfig(ctx, changed); err != nil {
@@ -422,16 +471,18 @@ func (a *agent) run(ctx context.Context) error {
 		return err
 	}
 	defer w.Close()
-	watched := map[string]string{ // directory → what changes there
-		filepath.Dir(a.cfg.ConfigFile):       "config",
-		filepath.Dir(a.cfg.ContainerdConfig): "containerd",
+	watched := map[string]string{filepath.Dir(a.cfg.ConfigFile): "config"} // directory → what changes there
+	watch := func() {
+		for _, dir := range a.containerdDirs() {
+			if watched[dir] == "" {
+				watched[dir] = "containerd"
+			}
+		}
+		for dir := range watched {
+			_ = w.Add(dir) // a directory that is missing now is seen on the next reconcile
+		}
 	}
-	if a.cfg.ContainerdDropIn != "" {
-		watched[filepath.Dir(a.cfg.ContainerdDropIn)] = "containerd"
-	}
-	for dir := range watched {
-		_ = w.Add(dir) // a directory that is missing now is seen on the next periodic reconcile
-	}
+	watch()
 	defer a.cleanup()
 
 	timer := time.NewTimer(0)
@@ -446,7 +497,7 @@ func (a *agent) run(ctx context.Context) error {
 		case ev := <-w.Events:
 			kind := watched[filepath.Dir(ev.Name)]
 			if kind == "config" ||
-				(kind == "containerd" && (ev.Name == a.cfg.ContainerdConfig || ev.Name == a.cfg.ContainerdDropIn)) {
+				(kind == "containerd" && (ev.Name == a.cfg.ContainerdConfig || strings.HasSuffix(ev.Name, ".toml"))) {
 				pending[kind] = true
 				settle.Reset(200 * time.Millisecond) // one reconcile for a burst of events, our own writes included
 			}
@@ -471,6 +522,7 @@ func (a *agent) run(ctx context.Context) error {
 			if ctx.Err() != nil {
 				return nil
 			}
+			watch()
 			switch {
 			case a.restartOwed != "":
 				// Ready or not before: the node runs without what was written.

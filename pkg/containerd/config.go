@@ -12,7 +12,12 @@ import (
 // Defaults on a node.
 const (
 	DefaultConfigPath = "/etc/containerd/config.toml"
-	DefaultDropInPath = "/etc/containerd/conf.d/99-gpu-sandbox.toml"
+	// DefaultDropInPath is relative to the main configuration's directory,
+	// as containerd resolves relative imports: it is right on the host
+	// however that directory is mounted where the agent runs. It is kept
+	// out of conf.d, whose glob imports would load it before files that
+	// sort after it.
+	DefaultDropInPath = "gpu-sandbox/runtimes.toml"
 	DefaultSocket     = "/run/containerd/containerd.sock"
 )
 

@@ -97,6 +97,9 @@ type Effective struct {
 	Release Release
 	// Files lists the files loaded, in containerd's order.
 	Files []string
+	// Dirs lists the directories where a file appearing, changing or going
+	// changes what containerd loads: the main file's and every import's.
+	Dirs []string
 	// Schema is the configuration version after loading.
 	Schema int
 	// Plugin is the id of the table that holds runtimes, and CRI that table.
@@ -168,6 +171,7 @@ type loadedFile struct {
 
 func loadEffective(main string, r Release, o overlay) (*Effective, error) {
 	var files []loadedFile
+	dirs := []string{filepath.Dir(main)}
 	loaded := map[string]bool{}
 	pending := []string{main}
 	for len(pending) > 0 {
@@ -202,6 +206,9 @@ func loadEffective(main string, r Release, o overlay) (*Effective, error) {
 			if !filepath.IsAbs(imp) {
 				imp = filepath.Join(filepath.Dir(p), imp)
 			}
+			if d := filepath.Dir(imp); !slices.Contains(dirs, d) {
+				dirs = append(dirs, d)
+			}
 			if strings.Contains(imp, "*") {
 				pending = append(pending, o.glob(imp)...)
 				continue
@@ -210,7 +217,7 @@ func loadEffective(main string, r Release, o overlay) (*Effective, error) {
 		}
 	}
 
-	e := &Effective{Release: r, Owner: map[string]string{}, Defined: map[string]string{}}
+	e := &Effective{Release: r, Dirs: dirs, Owner: map[string]string{}, Defined: map[string]string{}}
 	for _, f := range files {
 		e.Files = append(e.Files, f.path)
 		for _, id := range []string{pluginCRIv1, pluginGRPCCRI, pluginCRIRuntime} {

@@ -15,6 +15,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/encoding/protowire"
 
 	"github.com/gpu-sandbox/gpu-sandbox/internal/boot"
 )
@@ -193,4 +195,67 @@ func PeerPID(socket string) (int, error) {
 		return 0, errors.New("the socket's peer credentials carry no PID: the server runs in another PID namespace (run the agent in the host's, hostPID)")
 	}
 	return int(cred.Pid), nil
+}
+
+// Release asks the containerd serving the socket for its version, through
+// its version service, and returns its release line.
+func (r *Restarter) Release(ctx context.Context) (Release, error) {
+	conn, err := grpc.NewClient("unix://"+r.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return Release{}, fmt.Errorf("%w on %q: %w", ErrNotReachable, r.socket, err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	var resp rawMessage
+	if err := conn.Invoke(ctx, "/containerd.services.version.v1.Version/Version", &rawMessage{}, &resp,
+		grpc.ForceCodecV2(rawCodec{})); err != nil {
+		return Release{}, fmt.Errorf("containerd version on %q: %w", r.socket, err)
+	}
+	version, err := stringField(resp, 1)
+	if err != nil {
+		return Release{}, fmt.Errorf("containerd version on %q: %w", r.socket, err)
+	}
+	return ParseRelease(version)
+}
+
+// rawMessage is a protobuf message as bytes: the version service's answer
+// has two string fields, which do not justify its generated package.
+type rawMessage []byte
+
+type rawCodec struct{}
+
+func (rawCodec) Marshal(v any) (mem.BufferSlice, error) {
+	return mem.BufferSlice{mem.SliceBuffer(*v.(*rawMessage))}, nil
+}
+
+func (rawCodec) Unmarshal(data mem.BufferSlice, v any) error {
+	*v.(*rawMessage) = data.Materialize()
+	return nil
+}
+
+func (rawCodec) Name() string { return "proto" }
+
+// stringField returns the string field num of a protobuf message.
+func stringField(b []byte, num protowire.Number) (string, error) {
+	for len(b) > 0 {
+		n, typ, l := protowire.ConsumeTag(b)
+		if l < 0 {
+			return "", protowire.ParseError(l)
+		}
+		b = b[l:]
+		if n == num && typ == protowire.BytesType {
+			v, l := protowire.ConsumeBytes(b)
+			if l < 0 {
+				return "", protowire.ParseError(l)
+			}
+			return string(v), nil
+		}
+		l = protowire.ConsumeFieldValue(n, typ, b)
+		if l < 0 {
+			return "", protowire.ParseError(l)
+		}
+		b = b[l:]
+	}
+	return "", fmt.Errorf("no field %d in the answer", num)
 }

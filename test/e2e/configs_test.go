@@ -560,3 +560,33 @@ func dropZero(m map[string]any) map[string]any {
 	}
 	return out
 }
+
+// The GPU Operator mounts the host's /etc/containerd at /runtime/config-dir
+// in the agent's container. The default drop-in is relative to the main
+// file and imported so: written through the container's path, it is what
+// the host's containerd, reading the host's path, loads.
+func TestDropInUnderAnotherMount(t *testing.T) {
+	host := filepath.Join(t.TempDir(), "etc", "containerd")
+	os.MkdirAll(host, 0o755)
+	os.WriteFile(filepath.Join(host, "config.toml"), []byte(strings.ReplaceAll(debianDefault, "{dir}", host)), 0o644)
+	mounted := filepath.Join(t.TempDir(), "config-dir") // the container's view of the same directory
+	if err := os.Symlink(host, mounted); err != nil {
+		t.Fatal(err)
+	}
+	e := containerd.NewEditor(filepath.Join(mounted, "config.toml"), containerd.DefaultDropInPath)
+	kata := containerd.Runtime{Name: "kata-qemu-nvidia-gpu", Type: "io.containerd.kata-qemu-nvidia-gpu.v2", ConfigPath: "/opt/k/c.toml"}
+	if _, err := e.Apply(containerd.Settings{Runtimes: []containerd.Runtime{kata}}); err != nil {
+		t.Fatal(err)
+	}
+	main, _ := os.ReadFile(filepath.Join(host, "config.toml"))
+	if strings.Contains(string(main), mounted) || !strings.Contains(string(main), `imports = ["gpu-sandbox/runtimes.toml"]`) {
+		t.Errorf("the import names a path of the container:\n%s", main)
+	}
+	plugins, err := dump(t, "1.6", filepath.Join(host, "config.toml"), nil)
+	if err != nil {
+		t.Fatalf("the host's containerd cannot load it: %v", err)
+	}
+	if runtimesOf(criOf(plugins, "1.6"))[kata.Name] == nil {
+		t.Errorf("the host's containerd does not serve %s", kata.Name)
+	}
+}

@@ -70,3 +70,24 @@ func TestRestartSystemd(t *testing.T) {
 		})
 	}
 }
+
+// kata-manager asks the running containerd which release it is, to load
+// its configuration by that release's rules.
+func TestReleaseFromTheDaemon(t *testing.T) {
+	dir, err := os.MkdirTemp("", "rel") // short: the socket path lives here
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	main := filepath.Join(dir, "config.toml")
+	os.WriteFile(main, []byte(testbed.ContainerdBase(dir)), 0o644)
+	socket := filepath.Join(dir, "containerd.sock")
+	testbed.StartContainerd(t, main, socket)
+	r, err := containerd.NewRestarter(containerd.RestartNone, socket, "/", time.Second).Release(context.Background())
+	if err != nil || r != containerd.Release16 {
+		t.Errorf("Release = %v, %v; want Debian's 1.6", r, err)
+	}
+	if _, err := containerd.NewRestarter(containerd.RestartNone, filepath.Join(dir, "none.sock"), "/", time.Second).Release(context.Background()); err == nil {
+		t.Error("a release from a socket nobody serves")
+	}
+}

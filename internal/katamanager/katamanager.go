@@ -410,7 +410,7 @@ func writeKataConfig(rc, dir, final string, files []artifacts.File) error {
 	if err != nil {
 		return err
 	}
-	out, err := kata.Rewrite(b, final, names)
+	out, err := kata.Rewrite(b, final, names, kata.Options{RuntimeClass: rc})
 	if err != nil {
 		return fmt.Errorf("%s: %w", src, err)
 	}

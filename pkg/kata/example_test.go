@@ -14,7 +14,7 @@ func Example() {
 	fmt.Println(name)
 
 	config := "[hypervisor.qemu]\nkernel = \"/opt/kata/share/vmlinuz-6.1.62-nvidia-gpu\" # guest\ninitrd = \"/opt/kata/share/kata.initrd\"\n"
-	out, err := kata.Rewrite([]byte(config), "/var/lib/artifacts/kata-qemu-nvidia-gpu", files)
+	out, err := kata.Rewrite([]byte(config), "/var/lib/artifacts/kata-qemu-nvidia-gpu", files, kata.Options{})
 	fmt.Print(string(out), err, "\n")
 	// Output:
 	// configuration-nvidia-gpu-qemu.toml

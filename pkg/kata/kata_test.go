@@ -2,7 +2,6 @@ package kata_test
 
 import (
 	"errors"
-	"regexp"
 	"strings"
 	"testing"
 
@@ -28,7 +27,7 @@ kernel = "/elsewhere/vmlinuz.container"
 var files = []string{"configuration-nvidia-gpu-qemu.toml", "vmlinuz-6.1.62-nvidia-gpu", "kata-ubuntu-jammy-nvidia-gpu.initrd"}
 
 func TestRewrite(t *testing.T) {
-	out, err := kata.Rewrite([]byte(config), "/opt/artifacts/kata-qemu-nvidia-gpu", files)
+	out, err := kata.Rewrite([]byte(config), "/opt/artifacts/kata-qemu-nvidia-gpu", files, kata.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -46,15 +45,19 @@ func TestRewrite(t *testing.T) {
 }
 
 func TestRewriteErrors(t *testing.T) {
-	_, err := kata.Rewrite([]byte("[hypervisor.qemu]\nimage = \"/x/kata.img\"\n"), "/d", files)
+	_, err := kata.Rewrite([]byte("[hypervisor.qemu]\nimage = \"/x/kata.img\"\n"), "/d", files, kata.Options{})
 	if !errors.Is(err, kata.ErrMissingFile) || !strings.Contains(err.Error(), "image") || !strings.Contains(err.Error(), "[hypervisor.qemu]") {
 		t.Errorf("missing image: %v", err)
 	}
-	_, err = kata.Rewrite([]byte("[hypervisor.qemu]\nkernel = \"/x/vmlinux\"\n"), "/d", []string{"vmlinux-a", "vmlinuz-b"})
-	if !errors.Is(err, kata.ErrMissingFile) || !strings.Contains(err.Error(), "several") {
+	_, err = kata.Rewrite([]byte("[hypervisor.qemu]\nkernel = \"/x/kernel.bin\"\n"), "/d", []string{"vmlinux-a", "vmlinuz-b"}, kata.Options{})
+	if !errors.Is(err, kata.ErrMissingFile) || !strings.Contains(err.Error(), "several") || !strings.Contains(err.Error(), "vmlinux-a, vmlinuz-b") {
 		t.Errorf("two kernels: %v", err)
 	}
-	if _, err := kata.Rewrite([]byte("[runtime]\nkernel = \"x\"\n"), "/d", files); !errors.Is(err, kata.ErrNothingToRewrite) {
+	_, err = kata.Rewrite([]byte(runtimeRS), "/d", []string{"vmlinux-6.12.47-166-nvidia-gpu", "kata-ubuntu-noble-nvidia.image"}, kata.Options{})
+	if !errors.Is(err, kata.ErrMissingFile) || !strings.Contains(err.Error(), "guest_extension_images") {
+		t.Errorf("extension image missing: %v", err)
+	}
+	if _, err := kata.Rewrite([]byte("[runtime]\nkernel = \"x\"\n"), "/d", files, kata.Options{}); !errors.Is(err, kata.ErrNothingToRewrite) {
 		t.Errorf("nothing to rewrite: %v", err)
 	}
 }
@@ -88,4 +91,70 @@ func TestConfigFor(t *testing.T) {
 	}
 }
 
-var assetKey = regexp.MustCompile(`^\s*(kernel|image|initrd)\s*=`)
+
+// runtime-rs's NVIDIA configuration: the driver stack is a guest extension
+// image in an array of tables after [runtime]; the firmware is the host's.
+const runtimeRS = `[hypervisor.qemu]
+path = "/opt/kata/bin/qemu-system-x86_64"
+kernel = "/opt/kata/share/kata-containers/vmlinux-nvidia-gpu.container"
+image = "/opt/kata/share/kata-containers/kata-containers-nvidia.img"
+firmware = "/usr/share/ovmf/OVMF.fd"
+rootfs_type = "erofs"
+cold_plug_vfio = "root-port"
+
+[runtime]
+enable_debug = false
+
+[[hypervisor.qemu.guest_extension_images]]
+name = "gpu"
+path = "/opt/kata/share/kata-containers/kata-containers-nvidia-gpu-extension.img"
+verity_params = "root_hash=abc"
+`
+
+var versioned = []string{
+	"configuration-qemu-nvidia-gpu-runtime-rs.toml", "vmlinux-6.12.47-166-nvidia-gpu",
+	"kata-ubuntu-noble-nvidia.image", "kata-ubuntu-noble-nvidia-gpu-extension-580.95.05.image",
+	"kata-ubuntu-noble-nvidia-gpu-confidential-extension-580.95.05.image",
+}
+
+func TestRewriteRuntimeRS(t *testing.T) {
+	out, err := kata.Rewrite([]byte(runtimeRS), "/a", versioned, kata.Options{RuntimeClass: "kata-qemu-nvidia-gpu"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := strings.NewReplacer(
+		`"/opt/kata/share/kata-containers/vmlinux-nvidia-gpu.container"`, `"/a/vmlinux-6.12.47-166-nvidia-gpu"`,
+		`"/opt/kata/share/kata-containers/kata-containers-nvidia.img"`, `"/a/kata-ubuntu-noble-nvidia.image"`,
+		`"/opt/kata/share/kata-containers/kata-containers-nvidia-gpu-extension.img"`, `"/a/kata-ubuntu-noble-nvidia-gpu-extension-580.95.05.image"`,
+	).Replace(runtimeRS)
+	if string(out) != want {
+		t.Errorf("got:\n%s\nwant:\n%s", out, want)
+	}
+	// The confidential runtime class takes the confidential extension.
+	out, err = kata.Rewrite([]byte(runtimeRS), "/a", versioned, kata.Options{RuntimeClass: "kata-qemu-nvidia-gpu-snp"})
+	if err != nil || !strings.Contains(string(out), "/a/kata-ubuntu-noble-nvidia-gpu-confidential-extension-580.95.05.image") {
+		t.Errorf("snp: %v\n%s", err, out)
+	}
+	// A firmware the artifact ships is its own.
+	out, err = kata.Rewrite([]byte(runtimeRS), "/a", append(versioned, "OVMF.fd"), kata.Options{})
+	if err != nil || !strings.Contains(string(out), `firmware = "/a/OVMF.fd"`) {
+		t.Errorf("shipped firmware: %v\n%s", err, out)
+	}
+}
+
+// Keys are found as TOML means them: dotted keys under a parent table,
+// multi-line and literal strings, tables after arrays of tables.
+func TestRewriteTOMLForms(t *testing.T) {
+	in := "[hypervisor]\nqemu.kernel = '/old/vmlinuz'\n[hypervisor.clh]\ninitrd = \"\"\"\n/old/kata-containers-initrd.img\"\"\"\n# kernel = \"/commented\"\n"
+	out, err := kata.Rewrite([]byte(in), "/a", files, kata.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "[hypervisor]\nqemu.kernel = \"/a/vmlinuz-6.1.62-nvidia-gpu\"\n[hypervisor.clh]\ninitrd = \"/a/kata-ubuntu-jammy-nvidia-gpu.initrd\"\n# kernel = \"/commented\"\n"
+	if string(out) != want {
+		t.Errorf("got:\n%s\nwant:\n%s", out, want)
+	}
+	if _, err := kata.Rewrite([]byte("[hypervisor.qemu\nkernel = 1\n"), "/a", files, kata.Options{}); !errors.Is(err, kata.ErrInvalidConfig) {
+		t.Errorf("not TOML: %v", err)
+	}
+}

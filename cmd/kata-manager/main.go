@@ -41,6 +41,7 @@ func run() error {
 	fs.StringVar(&cfg.ArtifactsDir, "artifacts-dir", "", "where artifacts go; overrides artifactsDir of the config file")
 	fs.StringVar(&cfg.ContainerdConfig, "containerd-config", containerd.DefaultConfigPath, "containerd's main configuration")
 	fs.StringVar(&cfg.ContainerdDropIn, "containerd-drop-in", containerd.DefaultDropInPath, "drop-in file for the runtime entries, relative to the main configuration's directory (imported so) or absolute as on the host; empty edits the main configuration in place")
+	fs.BoolVar(&cfg.ReplaceRuntimes, "replace-runtimes", false, "take over a runtime of a runtime class's name that someone else defined (kata-deploy), instead of failing; on containerd 2.x keys of theirs that ours does not set stay")
 	fs.StringVar(&cfg.ContainerdSocket, "containerd-socket", containerd.DefaultSocket, "containerd's socket")
 	fs.StringVar(&cfg.RestartMode, "restart-mode", string(containerd.RestartSignal), "how containerd is restarted: signal, systemd or none")
 	fs.DurationVar(&cfg.RestartTimeout, "restart-timeout", katamanager.DefaultRestartTimeout, "how long containerd may take to answer after a restart")
@@ -62,7 +63,7 @@ func run() error {
 	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	for flag, env := range map[string]string{
 		"config-file": "CONFIG_FILE", "artifacts-dir": "KATA_ARTIFACTS_DIR", "containerd-config": "CONTAINERD_CONFIG",
-		"containerd-drop-in": "CONTAINERD_DROP_IN", "containerd-socket": "CONTAINERD_SOCKET", "restart-mode": "RESTART_MODE",
+		"containerd-drop-in": "CONTAINERD_DROP_IN", "replace-runtimes": "REPLACE_RUNTIMES", "containerd-socket": "CONTAINERD_SOCKET", "restart-mode": "RESTART_MODE",
 		"restart-timeout": "RESTART_TIMEOUT", "load-kernel-modules": "LOAD_KERNEL_MODULES", "cdi-enabled": "CDI_ENABLED",
 		"cdi-root": "CDI_ROOT", "host-root": "HOST_ROOT",
 		"pull-secrets-dir": "PULL_SECRETS_DIR", "remove-artifacts": "REMOVE_ARTIFACTS", "cleanup-on-exit": "CLEANUP_ON_EXIT",

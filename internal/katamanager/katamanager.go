@@ -55,6 +55,7 @@ type Config struct {
 	ArtifactsDir      string // overrides the file's artifactsDir when set
 	ContainerdConfig  string
 	ContainerdDropIn  string // "" edits ContainerdConfig in place
+	ReplaceRuntimes   bool   // take over runtimes of our names that others defined
 	ContainerdSocket  string
 	RestartMode       string
 	RestartTimeout    time.Duration
@@ -250,7 +251,7 @@ func (a *agent) reconcile(ctx context.Context) error {
 			runtimes = append(runtimes, *r)
 		}
 	}
-	settings := containerd.Settings{Runtimes: runtimes, Release: a.containerdRelease(ctx)}
+	settings := containerd.Settings{Runtimes: runtimes, Release: a.containerdRelease(ctx), Replace: a.cfg.ReplaceRuntimes}
 	if a.cfg.CDIEnabled {
 		settings.CDISpecDirs = []string{"/etc/cdi", a.cfg.CDIRoot}
 	}
@@ -261,6 +262,14 @@ func (a *agent) reconcile(ctx context.Context) error {
 	if changed {
 		a.log.WithFields(logrus.Fields{"config": a.cfg.ContainerdConfig, "drop-in": a.dropInPath(),
 			"runtimes": names(runtimes)}).Info("containerd configuration written")
+		// Never restart containerd into a configuration its own loader
+		// refuses: take our entries out again instead.
+		if _, err := a.restarter.Check(ctx, a.cfg.ContainerdConfig); err != nil {
+			if _, rerr := a.editor.Revert(); rerr != nil {
+				err = fmt.Errorf("%w; taking our entries out again failed too: %w", err, rerr)
+			}
+			return errors.Join(append(errs, err)...)
+		}
 	}
 	if err := a.loadConfig(ctx, changed); err != nil {
 		errs = append(errs, err)

@@ -2,13 +2,13 @@ package containerd
 
 import (
 	"bytes"
-	"maps"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -43,6 +43,11 @@ type Settings struct {
 	// decide where entries go and what the effective result is. Zero:
 	// guessed from the main file's schema (ReleaseForSchema).
 	Release Release
+	// Replace takes over runtimes of the same names that someone else
+	// defined (kata-deploy): ours are placed to win. On containerd 2.x,
+	// which merges tables, keys of theirs that ours does not set stay.
+	// Default false: such a runtime is ErrRuntimeExists.
+	Replace bool
 }
 
 // Editor adds and removes Settings in a containerd configuration, either in
@@ -220,7 +225,7 @@ func (e *Editor) Apply(s Settings) (bool, error) {
 		return false, err
 	}
 	for _, r := range s.Runtimes {
-		if f, ok := before.Defined[r.Name]; ok {
+		if f, ok := before.Defined[r.Name]; ok && !s.Replace {
 			return false, fmt.Errorf("%w: runtime %q is already defined in %q, not by gpu-sandbox: remove it there or give the runtime class another name",
 				ErrRuntimeExists, r.Name, f)
 		}
@@ -362,6 +367,9 @@ func verify(before, after *Effective, s Settings) error {
 	had, has := before.Runtimes(), after.Runtimes()
 	var errs []error
 	for _, name := range slices.Sorted(maps.Keys(had)) {
+		if s.Replace && slices.ContainsFunc(s.Runtimes, func(r Runtime) bool { return r.Name == name }) {
+			continue // taken over
+		}
 		if !sameValue(has[name], had[name]) {
 			errs = append(errs, fmt.Errorf("runtime %q would be lost or changed", name))
 		}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -99,6 +100,38 @@ func (r *Restarter) Restart(ctx context.Context) (bool, error) {
 		return false, fmt.Errorf("restart containerd: unknown mode %q", r.mode)
 	}
 	return true, r.WaitReady(ctx)
+}
+
+// Check runs the host's containerd on the configuration (config dump,
+// chrooted into the host root, as systemctl is), so that a configuration
+// its own loader refuses is never restarted into. It checks nothing, and
+// says so with false, where it cannot run that loader on the same file:
+// no containerd binary in the host root (k3s embeds it), or the path does
+// not name the same file on the host (a directory mounted elsewhere).
+func (r *Restarter) Check(ctx context.Context, config string) (bool, error) {
+	var bin string
+	for _, b := range []string{"/usr/bin/containerd", "/usr/local/bin/containerd", "/bin/containerd"} {
+		if _, err := os.Stat(filepath.Join(r.hostRoot, b)); err == nil {
+			bin = b
+			break
+		}
+	}
+	here, err1 := os.Stat(config)
+	there, err2 := os.Stat(filepath.Join(r.hostRoot, config))
+	if bin == "" || err1 != nil || err2 != nil || !os.SameFile(here, there) {
+		return false, nil
+	}
+	cmd := exec.CommandContext(ctx, bin, "--config", config, "config", "dump")
+	if filepath.Clean(r.hostRoot) != "/" {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: r.hostRoot}
+		cmd.Dir = "/"
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		return true, fmt.Errorf("%w: the node's containerd (%s) cannot load %q: %w: %s", ErrInvalidConfig, bin, config, err, strings.TrimSpace(stderr.String()))
+	}
+	return true, nil
 }
 
 // pid finds the process serving the socket.

@@ -91,7 +91,6 @@ func TestConfigFor(t *testing.T) {
 	}
 }
 
-
 // runtime-rs's NVIDIA configuration: the driver stack is a guest extension
 // image in an array of tables after [runtime]; the firmware is the host's.
 const runtimeRS = `[hypervisor.qemu]

@@ -590,3 +590,33 @@ func TestDropInUnderAnotherMount(t *testing.T) {
 		t.Errorf("the host's containerd does not serve %s", kata.Name)
 	}
 }
+
+// kata-deploy already serves a runtime of our name: refused unless told to
+// take it over; taken over, containerd serves ours.
+func TestReplaceKataDeploysRuntime(t *testing.T) {
+	for _, rel := range []string{"2.0", "2.2", "2.4"} {
+		t.Run(rel, func(t *testing.T) {
+			var l layout
+			for _, x := range layouts {
+				if x.name == "kata-deploy-conf.d" {
+					l = x
+				}
+			}
+			main, _ := lay(t, l)
+			r, _ := containerd.ParseRelease(rel)
+			kata := containerd.Runtime{Name: "kata-qemu-nvidia-gpu", Type: "io.containerd.kata-qemu-nvidia-gpu.v2", ConfigPath: "/ours/c.toml"}
+			e := containerd.NewEditor(main, containerd.DefaultDropInPath)
+			if _, err := e.Apply(containerd.Settings{Runtimes: []containerd.Runtime{kata}, Release: r, Replace: true}); err != nil {
+				t.Fatal(err)
+			}
+			plugins, err := dump(t, rel, main, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, _ := runtimesOf(criOf(plugins, rel))[kata.Name].(map[string]any)
+			if opts, _ := got["options"].(map[string]any); opts["ConfigPath"] != kata.ConfigPath {
+				t.Errorf("containerd %s serves %v", rel, got)
+			}
+		})
+	}
+}

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
@@ -89,5 +90,27 @@ func TestReleaseFromTheDaemon(t *testing.T) {
 	}
 	if _, err := containerd.NewRestarter(containerd.RestartNone, filepath.Join(dir, "none.sock"), "/", time.Second).Release(context.Background()); err == nil {
 		t.Error("a release from a socket nobody serves")
+	}
+}
+
+// Before a restart, the node's own containerd reads the configuration:
+// one it refuses is never restarted into. Where its binary cannot read the
+// same file (another host root), nothing is claimed.
+func TestCheckWithTheNodesContainerd(t *testing.T) {
+	dir := t.TempDir()
+	main := filepath.Join(dir, "config.toml")
+	os.WriteFile(main, []byte(testbed.ContainerdBase(dir)), 0o644)
+	r := containerd.NewRestarter(containerd.RestartSignal, filepath.Join(dir, "c.sock"), "/", time.Second)
+	if checked, err := r.Check(context.Background(), main); !checked || err != nil {
+		t.Fatalf("Check of a good configuration = %v, %v", checked, err)
+	}
+	os.WriteFile(filepath.Join(dir, "junk.toml"), []byte("not TOML\n"), 0o644)
+	os.WriteFile(main, []byte("version = 2\nimports = [\"junk.toml\"]\n"), 0o644)
+	if checked, err := r.Check(context.Background(), main); !checked || !errors.Is(err, containerd.ErrInvalidConfig) || !strings.Contains(err.Error(), "junk.toml") {
+		t.Errorf("Check of a configuration containerd refuses = %v, %v", checked, err)
+	}
+	other := containerd.NewRestarter(containerd.RestartSignal, filepath.Join(dir, "c.sock"), t.TempDir(), time.Second)
+	if checked, err := other.Check(context.Background(), main); checked || err != nil {
+		t.Errorf("Check without the node's binary = %v, %v; want nothing claimed", checked, err)
 	}
 }

@@ -251,9 +251,13 @@ func (a *agent) status(plan *vfio.Plan) error {
 			Class: fmt.Sprintf("0x%06x", m.Class), Name: names.Name(m.Vendor, m.Device.Device),
 			Role: string(m.Role), Driver: m.Driver, IOMMUGroup: m.IOMMUGroup, NUMANode: m.NUMANode,
 		}
-		if m.BoundToVFIO() && m.IOMMUGroup >= 0 {
+		switch {
+		case !m.BoundToVFIO() || m.IOMMUGroup < 0:
+		case a.m.Sysfs().GroupReady(m.IOMMUGroup):
 			// The node's name for the group, whatever root this agent reads /dev under.
 			e.VFIODevice = fmt.Sprintf("/dev/vfio/%d", m.IOMMUGroup)
+		case m.VFIODevice != "":
+			e.VFIODevice = "/dev/vfio/devices/" + m.VFIODevice // an iommufd-only kernel
 		}
 		for _, h := range held[m.IOMMUGroup] {
 			e.InUseBy = append(e.InUseBy, fmt.Sprintf("%d (%s)", h.PID, h.Command))

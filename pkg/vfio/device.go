@@ -40,8 +40,9 @@ type Device struct {
 	Modalias string
 	// PhysFn is the physical function's address when this is an SR-IOV VF.
 	PhysFn string
-	// TotalVFs is the number of VFs an SR-IOV physical function offers.
-	TotalVFs int
+	// TotalVFs is the number of VFs an SR-IOV physical function offers,
+	// NumVFs the number enabled now.
+	TotalVFs, NumVFs int
 	// Parent is the address of the upstream PCI bridge, "" on a root bus.
 	Parent string
 	// Path is the device's directory with symbolic links resolved.

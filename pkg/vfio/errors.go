@@ -27,6 +27,9 @@ var (
 	// ErrNoCDev means a device has no vfio cdev (kernel before 6.2, or
 	// CONFIG_VFIO_DEVICE_CDEV off), so iommufd mode cannot use it.
 	ErrNoCDev = errors.New("no vfio cdev")
+	// ErrVFsEnabled means an SR-IOV physical function has virtual functions
+	// enabled: vfio-pci cannot take it while they exist.
+	ErrVFsEnabled = errors.New("SR-IOV virtual functions enabled")
 	// ErrInUse means a process holds a device's VFIO node open (a VM is
 	// using it), so taking it from vfio would pull it from under the VM.
 	ErrInUse = errors.New("in use")

@@ -314,19 +314,35 @@ func (m *Manager) bindGroup(ctx context.Context, g *Group, targets map[string]st
 	if m.dryRun {
 		return out
 	}
-	node := filepath.Join(m.devRoot, "vfio", fmt.Sprint(g.ID))
-	err := m.waitFor(ctx, func() (bool, error) {
-		_, err := os.Stat(node)
-		return err == nil, nil
-	})
+	// The group is usable once the kernel made it openable: through the
+	// group interface (class/vfio/<group>, with /dev/vfio/<group>) or,
+	// where the kernel has only iommufd, through every function's cdev.
+	// Read in sysfs, not in /dev, which a container may only have a copy of.
+	wctx, cancel := context.WithTimeout(ctx, m.timeout)
+	err := m.waitFor(wctx, func() (bool, error) { return m.groupOpenable(g), nil })
+	cancel()
 	if err != nil {
-		err = fmt.Errorf("bind iommu group %d: %q did not appear: %w", g.ID, node, err)
+		err = fmt.Errorf("bind iommu group %d: neither /dev/vfio/%d nor a vfio cdev for every function appeared: %w", g.ID, g.ID, err)
 		m.rollback(ctx, g, out, err)
 		for i := range out {
 			out[i].Action, out[i].Err = ActionFailed, err
 		}
 	}
 	return out
+}
+
+// groupOpenable reports whether a VM can open the group now, in either mode.
+func (m *Manager) groupOpenable(g *Group) bool {
+	if m.sysfs.GroupReady(g.ID) {
+		return true
+	}
+	for _, mem := range g.Members {
+		d, err := m.sysfs.Device(mem.Address)
+		if err != nil || d.VFIODevice == "" {
+			return false
+		}
+	}
+	return true
 }
 
 // rollback gives the devices this call bound back to their drivers, so that a
@@ -367,10 +383,15 @@ func (m *Manager) bindDevice(ctx context.Context, d *Device, target string) erro
 	}
 
 	rec := record{Address: d.Address, Driver: d.Driver, BoundTo: target}
+	if d.Driver != "" {
+		// The module, from the driver's own link: names differ (xhci_hcd
+		// is xhci_pci's) and cannot be guessed when it must be loaded again.
+		rec.Module, _ = linkBase(m.sysfs.DriverPath(d.Driver), "module")
+	}
 	if old, err := m.state.load(d.Address); err == nil && d.Driver == "" {
 		// A run that died between unbind and probe left the device driverless;
 		// the driver it had is the one recorded then.
-		rec.Driver = old.Driver
+		rec.Driver, rec.Module = old.Driver, old.Module
 	}
 	if err := m.state.save(rec); err != nil {
 		return fail("record previous driver", err)
@@ -479,7 +500,11 @@ func (m *Manager) unbindDevice(ctx context.Context, group int, mem Member, force
 		}
 	}
 	if rec.Driver != "" {
-		err := m.ensureDriver(ctx, rec.Driver, moduleOf(rec.Driver))
+		module := rec.Module
+		if module == "" {
+			module = moduleOf(rec.Driver)
+		}
+		err := m.ensureDriver(ctx, rec.Driver, module)
 		if err == nil {
 			err = m.writeAttr(ctx, filepath.Join(m.sysfs.DriverPath(rec.Driver), "bind"), d.Address)
 		}

@@ -564,3 +564,115 @@ func TestUnbindGivesBackToOverrideOnlyDriver(t *testing.T) {
 	}
 	f.wantDriver(t, "0000:00:04.0", "pci-stub", "")
 }
+
+// A vGPU host: the L40S's SR-IOV virtual functions are not GPUs to take
+// unless named by their device id, and the physical function, with VFs
+// enabled, is refused up front with the VF count and the way out.
+func TestSRIOV(t *testing.T) {
+	n := vfiotest.Node{Drivers: []string{"vfio-pci"}, Devices: []vfiotest.Device{
+		{Address: "0000:3b:00.0", Vendor: 0x10de, Device: 0x26b9, Class: 0x030200, Driver: "nvidia",
+			IOMMUGroup: 50, NUMANode: 0, TotalVFs: 32, NumVFs: 2},
+		{Address: "0000:3b:00.4", Vendor: 0x10de, Device: 0x26ba, Class: 0x030200, Driver: "nvidia",
+			IOMMUGroup: 51, NUMANode: 0, PhysFn: "0000:3b:00.0"},
+		{Address: "0000:3b:00.5", Vendor: 0x10de, Device: 0x26ba, Class: 0x030200, Driver: "nvidia",
+			IOMMUGroup: 52, NUMANode: 0, PhysFn: "0000:3b:00.0"},
+	}}
+	f := newFixture(t, n)
+	p := f.plan(t, "", false, nil)
+	if len(p.Groups) != 1 || p.Groups[0].Members[0].Address != "0000:3b:00.0" {
+		t.Fatalf("plan %+v; want the physical function only", p.Members())
+	}
+	err := p.Groups[0].Err
+	if !errors.Is(err, vfio.ErrVFsEnabled) || !strings.Contains(err.Error(), "2 virtual functions") || !strings.Contains(err.Error(), "sriov_numvfs") {
+		t.Errorf("group error %v; want ErrVFsEnabled with the count and the way out", err)
+	}
+	r := f.bind(t, p)
+	if o := outcome(t, r, "0000:3b:00.0"); o.Action != vfio.ActionSkipped {
+		t.Errorf("physical function: %+v", o)
+	}
+	f.wantDriver(t, "0000:3b:00.0", "nvidia", "")
+
+	// Named by their id, the VFs are taken, each in its group.
+	r = f.bind(t, f.plan(t, "10de:26ba", false, nil))
+	if r.Err() != nil || r.Count(vfio.ActionBound) != 2 {
+		t.Fatalf("VFs by id: %+v", r.Outcomes)
+	}
+	f.wantDriver(t, "0000:3b:00.4", "vfio-pci", "vfio-pci")
+}
+
+// A kernel with iommufd only (no group interface): a bind is complete when
+// every function has its cdev, and a bind that never completes gives up
+// within --timeout, its rollback included, instead of waiting for a group
+// node that will never come.
+func TestIOMMUFDOnlyKernel(t *testing.T) {
+	n := vfiotest.A10WithAudio()
+	n.IOMMUFDOnly = true
+	f := newFixture(t, n)
+	if r := f.bind(t, f.plan(t, "", false, nil)); r.Err() != nil {
+		t.Fatal(r.Err())
+	}
+	if exists(f.tree.GroupNode(21)) {
+		t.Error("a group node on a kernel without the group interface")
+	}
+	d, err := f.m.Sysfs().Device("0000:65:00.0")
+	if err != nil || d.VFIODevice == "" || !exists(filepath.Join(f.tree.DevRoot, "vfio/devices", d.VFIODevice)) {
+		t.Fatalf("no cdev after bind: %+v, %v", d, err)
+	}
+	if r := f.m.Unbind(context.Background(), f.plan(t, "", false, nil), vfio.UnbindOptions{}); r.Err() != nil {
+		t.Fatal(r.Err())
+	}
+	f.wantDriver(t, "0000:65:00.1", "snd_hda_intel", "")
+
+	// The cdev directory without its node (Debian's 6.1) is no cdev: with
+	// no group interface either, the group never becomes openable.
+	n.CDevWithoutNode = true
+	f = newFixture(t, n, vfio.WithTimeout(200*time.Millisecond))
+	start := time.Now()
+	r := f.bind(t, f.plan(t, "", false, nil))
+	if r.Err() == nil || !strings.Contains(r.Err().Error(), "cdev") {
+		t.Fatalf("bind: %v; want a failure naming the missing nodes", r.Err())
+	}
+	if elapsed := time.Since(start); elapsed > 10*time.Second {
+		t.Errorf("bind took %s with a 200ms timeout", elapsed)
+	}
+	f.wantDriver(t, "0000:65:00.0", "nvidia", "")
+	f.wantDriver(t, "0000:65:00.1", "snd_hda_intel", "")
+}
+
+// The module behind a driver is recorded at bind time: a driver unloaded
+// meanwhile is loaded again by its module's name, which its own name does
+// not tell (xhci_hcd is xhci_pci's).
+func TestUnbindLoadsTheRecordedModule(t *testing.T) {
+	n := vfiotest.A10WithAudio()
+	n.Devices = append(n.Devices, vfiotest.Device{Address: "0000:65:00.2", Vendor: 0x10de, Device: 0x1ad9,
+		Class: 0x0c0330, Driver: "xhci_hcd", IOMMUGroup: 21, NUMANode: 0})
+	n.Modules = map[string]string{"xhci_hcd": "xhci_pci"}
+	loader := &moduleLoader{drivers: map[string]string{"xhci_pci": "xhci_hcd"}}
+	f := newFixture(t, n, vfio.WithModuleLoader(loader))
+	loader.emu = f.emu
+	if r := f.bind(t, f.plan(t, "", false, nil)); r.Err() != nil {
+		t.Fatal(r.Err())
+	}
+	if err := f.emu.UnloadDriver("xhci_hcd"); err != nil {
+		t.Fatal(err)
+	}
+	if r := f.m.Unbind(context.Background(), f.plan(t, "", false, nil), vfio.UnbindOptions{}); r.Err() != nil {
+		t.Fatal(r.Err())
+	}
+	if !slices.Equal(loader.loaded, []string{"xhci_pci"}) {
+		t.Errorf("modules loaded: %v; want xhci_pci", loader.loaded)
+	}
+	f.wantDriver(t, "0000:65:00.2", "xhci_hcd", "")
+}
+
+// moduleLoader loads modules that provide drivers of other names.
+type moduleLoader struct {
+	emu     *vfiotest.Emulator
+	drivers map[string]string // module → driver
+	loaded  []string
+}
+
+func (l *moduleLoader) LoadModule(_ context.Context, name string) error {
+	l.loaded = append(l.loaded, name)
+	return l.emu.LoadDriver(l.drivers[name])
+}

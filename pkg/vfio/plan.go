@@ -97,6 +97,12 @@ func NewPlan(devices []*Device, sel Selector, addresses []string) (*Plan, error)
 	}
 
 	for _, g := range groups {
+		for _, d := range devices {
+			if _, ok := selected[d.Address]; ok && d.IOMMUGroup == g.ID && d.NumVFs > 0 && g.Err == nil {
+				g.Err = fmt.Errorf("%w: %s has %d virtual functions enabled, and vfio-pci cannot take a physical function that has them; disable them first (echo 0 > /sys/bus/pci/devices/%s/sriov_numvfs) or select the VFs by their device id",
+					ErrVFsEnabled, d.Address, d.NumVFs, d.Address)
+			}
+		}
 		selectedSlots := map[string]string{}
 		var first string // the group's first selected device, named in errors
 		for _, d := range devices {

@@ -40,7 +40,9 @@ func (id ID) String() string {
 // and, with NVSwitches set, NVSwitches. Any other entry matches by ids alone,
 // whatever the class, so that other accelerators and emulated test devices
 // can be handled: "1234" every function of vendor 1234, "1234:11e8" that
-// device only. Bridges are never selected.
+// device only. Bridges are never selected, and SR-IOV virtual functions
+// only by an entry naming their device id: a vGPU host's VFs belong to its
+// vGPU manager unless an administrator says otherwise.
 type Selector struct {
 	IDs        []ID
 	NVSwitches bool
@@ -99,6 +101,7 @@ func (s Selector) Match(d *Device) (Role, bool) {
 			if id.Device == d.Device {
 				return role, true
 			}
+		case d.IsVF():
 		case id.Vendor != VendorNVIDIA:
 			return role, true
 		case d.IsGPU():

@@ -20,6 +20,9 @@ type record struct {
 	Address string `json:"address"`
 	// Driver held the device before; "" when it had none.
 	Driver string `json:"driver"`
+	// Module provides Driver ("" when unknown: records of older versions),
+	// loaded again if the driver is gone when the device goes back.
+	Module string `json:"module,omitempty"`
 	// BoundTo is the vfio driver it was given to.
 	BoundTo string `json:"boundTo"`
 }

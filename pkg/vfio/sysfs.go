@@ -121,7 +121,8 @@ func (s *Sysfs) Device(address string) (*Device, error) {
 	}
 	if entries, err := os.ReadDir(filepath.Join(dir, "vfio-dev")); err == nil {
 		for _, e := range entries {
-			if strings.HasPrefix(e.Name(), "vfio") {
+			// A cdev without its dev attribute (Debian's 6.1) has no node.
+			if _, err := os.Stat(filepath.Join(dir, "vfio-dev", e.Name(), "dev")); err == nil && strings.HasPrefix(e.Name(), "vfio") {
 				d.VFIODevice = e.Name()
 				break
 			}
@@ -132,6 +133,9 @@ func (s *Sysfs) Device(address string) (*Device, error) {
 	}
 	if v, err := ReadAttr(dir, "sriov_totalvfs"); err == nil {
 		d.TotalVFs, _ = strconv.Atoi(v)
+	}
+	if v, err := ReadAttr(dir, "sriov_numvfs"); err == nil {
+		d.NumVFs, _ = strconv.Atoi(v)
 	}
 	d.Path = dir
 	// bus/pci/devices/<address> links to the device's place in the tree,
@@ -146,6 +150,15 @@ func (s *Sysfs) Device(address string) (*Device, error) {
 		d.Parent = parent
 	}
 	return d, nil
+}
+
+// GroupReady reports whether the kernel has made the group openable
+// through the group interface: class/vfio/<group> (and with it
+// /dev/vfio/<group>) exists. Kernels without that interface
+// (CONFIG_VFIO_GROUP=n) never make it.
+func (s *Sysfs) GroupReady(group int) bool {
+	_, err := os.Stat(filepath.Join(s.root, "class", "vfio", strconv.Itoa(group)))
+	return err == nil
 }
 
 // IOMMUGroupCount is the number of IOMMU groups the kernel created: zero when

@@ -330,6 +330,19 @@ func (e *Emulator) present(addr string) bool {
 	return err == nil
 }
 
+// UnloadDriver takes a driver off the bus, as rmmod does; it fails while
+// the driver holds a device.
+func (e *Emulator) UnloadDriver(name string) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, d := range e.t.node.Devices {
+		if e.t.driverOf(d.Address) == name {
+			return fmt.Errorf("vfiotest: unload %s: it holds %s", name, d.Address)
+		}
+	}
+	return e.t.removeDriver(name)
+}
+
 // RemoveDevice hot-unplugs a device while the emulator runs.
 func (e *Emulator) RemoveDevice(addr string) error {
 	e.mu.Lock()

@@ -37,6 +37,12 @@ type Device struct {
 	UnbindDelay time.Duration
 	// RefuseUnbind makes the driver's remove hang for ever.
 	RefuseUnbind bool
+	// PhysFn makes the device an SR-IOV virtual function of that physical
+	// function: a physfn link here, a virtfnN link there.
+	PhysFn string
+	// TotalVFs and NumVFs make the device an SR-IOV physical function
+	// (sriov_totalvfs, sriov_numvfs): NumVFs of them enabled.
+	TotalVFs, NumVFs int
 }
 
 // Node describes a whole fake node.
@@ -50,6 +56,16 @@ type Node struct {
 	// CDev makes vfio drivers expose vfio-dev/vfioN and /dev/vfio/devices/vfioN
 	// (kernel 6.2 and later), and the node offer /dev/iommu.
 	CDev bool
+	// IOMMUFDOnly is a kernel without the group interface (CONFIG_VFIO_GROUP=n,
+	// allowed since 6.6): cdevs and /dev/iommu only, no /dev/vfio/<group>, no
+	// class/vfio, no /dev/vfio/vfio. It implies CDev.
+	IOMMUFDOnly bool
+	// CDevWithoutNode gives vfio drivers a vfio-dev/vfioN directory without
+	// its dev attribute or node, as Debian's 6.1 kernel has it: no usable cdev.
+	CDevWithoutNode bool
+	// Modules names a driver's module where the two differ (xhci_hcd is
+	// xhci_pci's); by default a driver's module is its name with '-' as '_'.
+	Modules map[string]string
 	// KernelRelease names lib/modules/<release>. Default: the running kernel's.
 	KernelRelease string
 	// ModulesAlias is the content of modules.alias. Default: DefaultModulesAlias.
@@ -122,7 +138,13 @@ func (t *Tree) build() error {
 	if err := mkfifo(filepath.Join(t.SysfsRoot, "bus/pci/drivers_probe")); err != nil {
 		return err
 	}
+	if t.node.IOMMUFDOnly {
+		t.node.CDev = true
+	}
 	misc := map[string]string{"vfio/vfio": "vfio\t10:196"}
+	if t.node.IOMMUFDOnly {
+		delete(misc, "vfio/vfio")
+	}
 	if t.node.CDev {
 		if err := os.MkdirAll(filepath.Join(t.DevRoot, "vfio/devices"), 0o755); err != nil {
 			return err
@@ -246,11 +268,27 @@ func (t *Tree) addDriver(drv string) error {
 			return err
 		}
 	}
-	mod := filepath.Join(t.SysfsRoot, "module", strings.ReplaceAll(drv, "-", "_"))
+	name := t.node.Modules[drv]
+	if name == "" {
+		name = strings.ReplaceAll(drv, "-", "_")
+	}
+	mod := filepath.Join(t.SysfsRoot, "module", name)
 	if err := os.MkdirAll(filepath.Join(mod, "drivers"), 0o755); err != nil {
 		return err
 	}
+	if err := relink(mod, filepath.Join(dir, "module")); err != nil {
+		return err
+	}
 	return relink(dir, filepath.Join(mod, "drivers", "pci:"+drv))
+}
+
+// removeDriver takes a driver off the bus, as unloading its module does.
+func (t *Tree) removeDriver(drv string) error {
+	dir := t.driverDir(drv)
+	if mod, err := filepath.EvalSymlinks(filepath.Join(dir, "module")); err == nil {
+		_ = os.Remove(filepath.Join(mod, "drivers", "pci:"+drv))
+	}
+	return os.RemoveAll(dir)
 }
 
 func (t *Tree) addDevice(d Device) error {
@@ -277,6 +315,10 @@ func (t *Tree) addDevice(d Device) error {
 		"resource":        resource(d),
 		"config":          string(config(d)),
 	}
+	if d.TotalVFs > 0 {
+		attrs["sriov_totalvfs"] = fmt.Sprintf("%d\n", d.TotalVFs)
+		attrs["sriov_numvfs"] = fmt.Sprintf("%d\n", d.NumVFs)
+	}
 	for name, v := range attrs {
 		if err := writeFile(filepath.Join(dir, name), v, 0o644); err != nil {
 			return err
@@ -284,6 +326,24 @@ func (t *Tree) addDevice(d Device) error {
 	}
 	if err := relink(dir, t.busLink(d.Address)); err != nil {
 		return err
+	}
+	if d.PhysFn != "" {
+		pf, err := filepath.EvalSymlinks(t.busLink(d.PhysFn))
+		if err != nil {
+			return fmt.Errorf("physical function %s: %w", d.PhysFn, err)
+		}
+		if err := relink(pf, filepath.Join(dir, "physfn")); err != nil {
+			return err
+		}
+		n := 0
+		for ; ; n++ {
+			if _, err := os.Lstat(filepath.Join(pf, fmt.Sprintf("virtfn%d", n))); err != nil {
+				break
+			}
+		}
+		if err := relink(dir, filepath.Join(pf, fmt.Sprintf("virtfn%d", n))); err != nil {
+			return err
+		}
 	}
 	if !t.node.NoIOMMU {
 		g := filepath.Join(t.groupDir(d.IOMMUGroup), "devices")
@@ -326,8 +386,13 @@ func (t *Tree) attach(addr, drv string) error {
 }
 
 func (t *Tree) addVFIONodes(dir string, group int) error {
-	if err := t.addGroupNode(group); err != nil {
-		return err
+	if !t.node.IOMMUFDOnly {
+		if err := t.addGroupNode(group); err != nil {
+			return err
+		}
+	}
+	if t.node.CDevWithoutNode {
+		return os.MkdirAll(filepath.Join(dir, "vfio-dev", "vfio0"), 0o755)
 	}
 	if !t.node.CDev {
 		return nil
@@ -425,6 +490,9 @@ func (t *Tree) detach(addr, drv string) error {
 		if other.IOMMUGroup == group && other.Address != addr && isVFIO(t.driverOf(other.Address)) {
 			return nil
 		}
+	}
+	if t.node.IOMMUFDOnly {
+		return nil
 	}
 	return t.removeGroupNode(group)
 }

@@ -40,7 +40,10 @@ type apiSecrets struct {
 	client    *http.Client
 	server    string
 	namespace string
-	token     string
+	// tokenFile is read for every request: the kubelet rotates projected
+	// service account tokens (about hourly where they are not extended), and
+	// a token kept from the start is refused with 401 once it expires.
+	tokenFile string
 }
 
 func newAPISecrets() (*apiSecrets, error) {
@@ -48,31 +51,51 @@ func newAPISecrets() (*apiSecrets, error) {
 	if host == "" || port == "" {
 		return nil, fmt.Errorf("not running in a Kubernetes pod (no KUBERNETES_SERVICE_HOST); mount the pull secrets and use --pull-secrets-dir")
 	}
-	token, err := os.ReadFile(filepath.Join(serviceAccountDir, "token"))
-	if err != nil {
-		return nil, fmt.Errorf("service account token: %w", err)
+	return newAPISecretsIn(serviceAccountDir, "https://"+net.JoinHostPort(host, port), os.Getenv("POD_NAMESPACE"))
+}
+
+// newAPISecretsIn reads the service account mounted at dir (token,
+// namespace, ca.crt) for the API server at server; namespace, when set,
+// replaces the service account's.
+func newAPISecretsIn(dir, server, namespace string) (*apiSecrets, error) {
+	a := &apiSecrets{server: server, namespace: namespace, tokenFile: filepath.Join(dir, "token")}
+	// A missing token is a deployment error: say so at the start rather
+	// than at the first pull.
+	if _, err := a.token(); err != nil {
+		return nil, err
 	}
-	ns := os.Getenv("POD_NAMESPACE")
-	if ns == "" {
-		b, err := os.ReadFile(filepath.Join(serviceAccountDir, "namespace"))
+	if a.namespace == "" {
+		b, err := os.ReadFile(filepath.Join(dir, "namespace"))
 		if err != nil {
 			return nil, fmt.Errorf("service account namespace: %w", err)
 		}
-		ns = strings.TrimSpace(string(b))
+		a.namespace = strings.TrimSpace(string(b))
 	}
-	ca, err := os.ReadFile(filepath.Join(serviceAccountDir, "ca.crt"))
+	caFile := filepath.Join(dir, "ca.crt")
+	ca, err := os.ReadFile(caFile)
 	if err != nil {
 		return nil, fmt.Errorf("service account CA: %w", err)
 	}
 	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(ca)
-	return &apiSecrets{
-		client: &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
-			TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}},
-		server:    "https://" + net.JoinHostPort(host, port),
-		namespace: ns,
-		token:     strings.TrimSpace(string(token)),
-	}, nil
+	if !pool.AppendCertsFromPEM(ca) {
+		return nil, fmt.Errorf("service account CA %q holds no PEM certificate", caFile)
+	}
+	a.client = &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}}
+	return a, nil
+}
+
+// token reads the service account token as it is now.
+func (a *apiSecrets) token() (string, error) {
+	b, err := os.ReadFile(a.tokenFile)
+	if err != nil {
+		return "", fmt.Errorf("service account token: %w", err)
+	}
+	t := strings.TrimSpace(string(b))
+	if t == "" {
+		return "", fmt.Errorf("service account token %q is empty", a.tokenFile)
+	}
+	return t, nil
 }
 
 func (a *apiSecrets) dockerConfig(ctx context.Context, name string) ([]byte, error) {
@@ -81,7 +104,11 @@ func (a *apiSecrets) dockerConfig(ctx context.Context, name string) ([]byte, err
 	if err != nil {
 		return nil, err
 	}
-	req.Header.Set("Authorization", "Bearer "+a.token)
+	token, err := a.token()
+	if err != nil {
+		return nil, fmt.Errorf("pull secret %s/%s: %w", a.namespace, name, err)
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
 	req.Header.Set("Accept", "application/json")
 	resp, err := a.client.Do(req)
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 
 	"github.com/spf13/pflag"
@@ -43,12 +44,15 @@ func run() error {
 	fs.StringVar(&cfg.ContainerdDropIn, "containerd-drop-in", containerd.DefaultDropInPath, "drop-in file for the runtime entries, relative to the main configuration's directory (imported so) or absolute as on the host; empty edits the main configuration in place")
 	fs.BoolVar(&cfg.ReplaceRuntimes, "replace-runtimes", false, "take over a runtime of a runtime class's name that someone else defined (kata-deploy), instead of failing; on containerd 2.x keys of theirs that ours does not set stay")
 	fs.StringVar(&cfg.ContainerdSocket, "containerd-socket", containerd.DefaultSocket, "containerd's socket")
+	fs.StringVar(&cfg.Runtime, "runtime", "containerd", "the node's container runtime, as the GPU Operator names it: containerd (cri-o is not supported)")
+	fs.StringVar(&cfg.DefaultRuntimeClass, "containerd-runtime-class", "", "the GPU Operator's default runtime handler (nvidia): logged; kata-manager adds runtimes and never changes containerd's default")
+	fs.StringVar(&cfg.NodeName, "node-name", "", "the node this runs on (the Downward API's spec.nodeName), named in the logs")
 	fs.StringVar(&cfg.RestartMode, "restart-mode", string(containerd.RestartSignal), "how containerd is restarted: signal, systemd or none")
 	fs.DurationVar(&cfg.RestartTimeout, "restart-timeout", katamanager.DefaultRestartTimeout, "how long containerd may take to answer after a restart")
 	fs.BoolVar(&cfg.LoadKernelModules, "load-kernel-modules", true, "load vhost_vsock and vhost_net with the host's modprobe")
 	fs.BoolVar(&cfg.CDIEnabled, "cdi-enabled", true, "enable CDI in containerd (the device plugin writes the specs)")
 	fs.StringVar(&cfg.CDIRoot, "cdi-root", cdi.DefaultRoot, "directory of dynamic CDI specs, given to containerd with /etc/cdi")
-	fs.StringVar(&cfg.HostRoot, "host-root", vfio.DefaultHostRoot, "host root file system (modprobe, systemctl)")
+	fs.StringVar(&cfg.HostRoot, "host-root", hostRootDefault(), "host root file system (modprobe, systemctl, the node's containerd binary); as k8s-kata-manager, /host when mounted there as the GPU Operator does")
 	fs.StringVar(&cfg.PullSecretsDir, "pull-secrets-dir", "", "read pull secrets from <dir>/<name>/.dockerconfigjson instead of the Kubernetes API")
 	fs.BoolVar(&cfg.RemoveArtifacts, "remove-artifacts", false, "uninstall (or --cleanup-on-exit): also remove the artifacts")
 	fs.BoolVar(&cfg.CleanupOnExit, "cleanup-on-exit", false, "uninstall when stopping; off by default, since a rollout must not take runtime classes from running pods")
@@ -62,8 +66,9 @@ func run() error {
 	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	for flag, env := range map[string]string{
-		"config-file": "CONFIG_FILE", "artifacts-dir": "KATA_ARTIFACTS_DIR", "containerd-config": "CONTAINERD_CONFIG",
-		"containerd-drop-in": "CONTAINERD_DROP_IN", "replace-runtimes": "REPLACE_RUNTIMES", "containerd-socket": "CONTAINERD_SOCKET", "restart-mode": "RESTART_MODE",
+		"config-file": "CONFIG_FILE", "artifacts-dir": "KATA_ARTIFACTS_DIR",
+		"containerd-drop-in": "CONTAINERD_DROP_IN", "replace-runtimes": "REPLACE_RUNTIMES", "restart-mode": "RESTART_MODE",
+		"runtime": "RUNTIME", "containerd-runtime-class": "CONTAINERD_RUNTIME_CLASS", "node-name": "NODE_NAME",
 		"restart-timeout": "RESTART_TIMEOUT", "load-kernel-modules": "LOAD_KERNEL_MODULES", "cdi-enabled": "CDI_ENABLED",
 		"cdi-root": "CDI_ROOT", "host-root": "HOST_ROOT",
 		"pull-secrets-dir": "PULL_SECRETS_DIR", "remove-artifacts": "REMOVE_ARTIFACTS", "cleanup-on-exit": "CLEANUP_ON_EXIT",
@@ -73,6 +78,9 @@ func run() error {
 	} {
 		fs.Env(flag, env)
 	}
+	// The GPU Operator sets both names of these.
+	fs.Env("containerd-config", "CONTAINERD_CONFIG", "RUNTIME_CONFIG")
+	fs.Env("containerd-socket", "CONTAINERD_SOCKET", "RUNTIME_SOCKET")
 	args, err := fs.Parse(os.Args[1:], os.LookupEnv)
 	if errors.Is(err, pflag.ErrHelp) {
 		return nil
@@ -101,6 +109,18 @@ func run() error {
 		return report(katamanager.Pull(ctx, pull))
 	}
 	return report(cli.Usagef("unknown command %q: want uninstall, pull, or no command for the daemon", args[0]))
+}
+
+// hostRootDefault is / for kata-manager, and /host when the binary runs
+// as k8s-kata-manager, the GPU Operator's name for it, whose DaemonSet
+// mounts the host's root there without saying so in HOST_ROOT.
+func hostRootDefault() string {
+	if filepath.Base(os.Args[0]) == "k8s-kata-manager" {
+		if fi, err := os.Stat("/host"); err == nil && fi.IsDir() {
+			return "/host"
+		}
+	}
+	return vfio.DefaultHostRoot
 }
 
 func report(err error) error {

@@ -38,20 +38,21 @@ func run() error {
 	fs := cli.NewFlagSet(fmt.Sprintf(usage, filepath.Base(os.Args[0])))
 	var cfg vfiomanager.Config
 	var logFormat, logLevel string
-	fs.BoolVar(&cfg.All, "all", false, "act on every selected device")
-	fs.StringSliceVar(&cfg.DeviceIDs, "device-id", nil, "act on these PCI addresses (repeat or separate with commas)")
+	fs.BoolVarP(&cfg.All, "all", "a", false, "act on every selected device")
+	fs.StringSliceVarP(&cfg.DeviceIDs, "device-id", "d", nil, "act on these PCI addresses (repeat or separate with commas)")
 	fs.BoolVar(&cfg.JSON, "json", false, "status: print JSON")
 	fs.StringVar(&cfg.HostRoot, "host-root", vfio.DefaultHostRoot, "host root file system (modules.alias, modprobe)")
 	fs.StringVar(&cfg.SysfsRoot, "sysfs-root", vfio.DefaultSysfsRoot, "sysfs mount")
 	fs.StringVar(&cfg.DevRoot, "dev-root", vfio.DefaultDevRoot, "/dev of the host")
-	fs.StringVar(&cfg.StateDir, "state-dir", vfio.DefaultStateDir, "where the drivers devices had before binding are recorded")
-	fs.StringVar(&cfg.ProcRoot, "proc-root", vfio.DefaultProcRoot, "the host's /proc, whose processes' open files tell which devices are in use (run the container with hostPID)")
-	fs.StringVar(&cfg.ReadyFile, "ready-file", vfiomanager.DefaultReadyFile, "run: file written once every device is bound")
+	fs.StringVar(&cfg.StateDir, "state-dir", "", "where the drivers devices had before binding are recorded (default: <host-root>/run/nvidia/vfio-manager, on the host where the container's /run is its own)")
+	fs.StringVar(&cfg.ProcRoot, "proc-root", "", "the host's /proc, whose processes' open files tell which devices are in use (default: <host-root>/proc when the host root is mounted, else /proc: run the container with hostPID)")
+	fs.StringVar(&cfg.ReadyFile, "ready-file", "", "run: file written once every device is bound (default: <state-dir>/ready)")
 	fs.StringVar(&cfg.HealthAddress, "health-address", "", "run: address for /healthz, /readyz and /metrics, e.g. :8083 (empty: none)")
 	fs.DurationVar(&cfg.ReconcileInterval, "reconcile-interval", vfiomanager.DefaultReconcileInterval, "run: how often the node is looked at again once all is bound")
 	fs.BoolVar(&cfg.Force, "force", false, "unbind: also take devices a process holds open, which pulls them out of a running VM (the kernel asks the VMM to let go and waits), and devices vfio-manager did not bind, which are left without a driver")
 	fs.StringVar(&cfg.Select, "select", vfio.DefaultSelect, "vendor[:device] hex ids to handle, comma separated; 10de means NVIDIA GPUs")
 	fs.BoolVar(&cfg.BindNVSwitches, "bind-nvswitches", false, "also bind NVIDIA NVSwitches")
+	fs.BoolVar(&cfg.BindNVSwitches, "unbind-nvswitches", false, "also unbind NVIDIA NVSwitches (vfio-manage's name for the same selection)")
 	fs.DurationVar(&cfg.Timeout, "timeout", vfio.DefaultTimeout, "how long one device may take to change driver")
 	fs.BoolVar(&cfg.DryRun, "dry-run", false, "report what would change and change nothing")
 	fs.BoolVar(&cfg.LoadModules, "load-modules", true, "load missing vfio drivers with the host's modprobe")
@@ -63,7 +64,7 @@ func run() error {
 		"dev-root": "DEV_ROOT", "state-dir": "STATE_DIR", "ready-file": "READY_FILE", "select": "VFIO_SELECT",
 		"proc-root": "PROC_ROOT", "health-address": "HEALTH_ADDRESS", "reconcile-interval": "RECONCILE_INTERVAL",
 		"force":           "FORCE",
-		"bind-nvswitches": "BIND_NVSWITCHES", "timeout": "VFIO_TIMEOUT", "dry-run": "DRY_RUN",
+		"bind-nvswitches": "BIND_NVSWITCHES", "unbind-nvswitches": "UNBIND_NVSWITCHES", "timeout": "VFIO_TIMEOUT", "dry-run": "DRY_RUN",
 		"load-modules": "LOAD_MODULES", "pci-ids": "PCI_IDS", "json": "JSON", "log-format": "LOG_FORMAT",
 		"log-level": "LOG_LEVEL",
 	} {
@@ -85,10 +86,32 @@ func run() error {
 	if cfg.Log, err = cli.NewLogger(os.Stderr, logFormat, logLevel); err != nil {
 		return report(err)
 	}
+	hostPaths(&cfg)
 	cfg.Out = os.Stdout
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	return report(vfiomanager.Run(ctx, cfg))
+}
+
+// hostPaths fills the paths whose defaults follow the host root: under the
+// GPU Operator's DaemonSet (the host's / at /host, no hostPID, the
+// container's own /run) state must live on the host to outlive the
+// container, and the host's processes are those of <host-root>/proc.
+func hostPaths(cfg *vfiomanager.Config) {
+	if cfg.StateDir == "" {
+		cfg.StateDir = filepath.Join(cfg.HostRoot, vfio.DefaultStateDir)
+	}
+	if cfg.ReadyFile == "" {
+		cfg.ReadyFile = filepath.Join(cfg.StateDir, "ready")
+	}
+	if cfg.ProcRoot == "" {
+		cfg.ProcRoot = vfio.DefaultProcRoot
+		if p := filepath.Join(cfg.HostRoot, "proc"); filepath.Clean(cfg.HostRoot) != "/" {
+			if _, err := os.Stat(filepath.Join(p, "1")); err == nil {
+				cfg.ProcRoot = p
+			}
+		}
+	}
 }
 
 func report(err error) error {

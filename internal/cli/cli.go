@@ -52,22 +52,22 @@ func ExitCode(err error) int {
 // FlagSet is a pflag set whose flags may also come from the environment.
 type FlagSet struct {
 	*pflag.FlagSet
-	env map[string]string // flag name → variable
+	env map[string][]string // flag name → variables, the first set wins
 }
 
 // NewFlagSet returns an empty set for the program invoked as os.Args[0],
 // with --version and --log-format already defined.
 func NewFlagSet(summary string) *FlagSet {
 	name := filepath.Base(os.Args[0])
-	fs := &FlagSet{FlagSet: pflag.NewFlagSet(name, pflag.ContinueOnError), env: map[string]string{}}
+	fs := &FlagSet{FlagSet: pflag.NewFlagSet(name, pflag.ContinueOnError), env: map[string][]string{}}
 	fs.SetInterspersed(true) // flags before or after the subcommand
 	fs.SortFlags = false
 	fs.Usage = func() {
 		out := fs.Output()
 		fmt.Fprintf(out, "%s\n\nFlags (each also read from the environment variable shown):\n", summary)
 		fs.VisitAll(func(f *pflag.Flag) {
-			if env := fs.env[f.Name]; env != "" && !strings.Contains(f.Usage, "$"+env) {
-				f.Usage = fmt.Sprintf("%s [$%s]", f.Usage, env)
+			if env := fs.env[f.Name]; len(env) > 0 && !strings.Contains(f.Usage, "$"+env[0]) {
+				f.Usage = fmt.Sprintf("%s [$%s]", f.Usage, strings.Join(env, ", $"))
 			}
 		})
 		fmt.Fprint(out, fs.FlagUsages())
@@ -75,12 +75,14 @@ func NewFlagSet(summary string) *FlagSet {
 	return fs
 }
 
-// Env ties a defined flag to an environment variable.
-func (fs *FlagSet) Env(flag, variable string) {
+// Env ties a defined flag to environment variables: the first one set
+// gives the value (the GPU Operator sets both CONTAINERD_CONFIG and
+// RUNTIME_CONFIG, say).
+func (fs *FlagSet) Env(flag string, variables ...string) {
 	if fs.Lookup(flag) == nil {
 		panic("cli: no flag " + flag)
 	}
-	fs.env[flag] = variable
+	fs.env[flag] = variables
 }
 
 // Parse reads args, then fills every flag not given on the command line from
@@ -107,12 +109,15 @@ func (fs *FlagSet) Parse(args []string, environ func(string) (string, bool)) ([]
 		if fs.Changed(name) {
 			continue
 		}
-		v, ok := environ(fs.env[name])
-		if !ok {
-			continue
-		}
-		if err := fs.Set(name, v); err != nil {
-			return nil, Usagef("environment variable %s=%q: %v", fs.env[name], v, err)
+		for _, variable := range fs.env[name] {
+			v, ok := environ(variable)
+			if !ok {
+				continue
+			}
+			if err := fs.Set(name, v); err != nil {
+				return nil, Usagef("environment variable %s=%q: %v", variable, v, err)
+			}
+			break
 		}
 	}
 	return fs.Args(), nil

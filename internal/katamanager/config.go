@@ -3,6 +3,7 @@ package katamanager
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"regexp"
 
@@ -13,8 +14,13 @@ import (
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/artifacts"
 )
 
-// DefaultConfigFile is where the GPU Operator mounts the configuration.
-const DefaultConfigFile = "/etc/kubernetes/kata-manager/config.yaml"
+// Defaults, as NVIDIA's kata-manager has them.
+const (
+	// DefaultConfigFile is where the configuration is read.
+	DefaultConfigFile = "/etc/kubernetes/kata-manager/config.yaml"
+	// DefaultArtifactsDir holds the artifacts when the file names none.
+	DefaultArtifactsDir = "/opt/nvidia-gpu-operator/artifacts/runtimeclasses"
+)
 
 // FileConfig is the configuration file as the GPU Operator writes it, with
 // optional additions under artifacts (plainHTTP, caFile, platform).
@@ -48,6 +54,9 @@ var dnsLabel = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$`)
 // cli.UsageError that names the field.
 func LoadConfig(path string) (*FileConfig, error) {
 	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("config file: %w", err)
+	}
 	if err != nil {
 		return nil, cli.Usagef("config file: %v", err)
 	}

@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -56,6 +57,10 @@ type Config struct {
 	ContainerdConfig  string
 	ContainerdDropIn  string // "" edits ContainerdConfig in place
 	ReplaceRuntimes   bool   // take over runtimes of our names that others defined
+	Runtime           string // the node's container runtime: only containerd is supported
+	// DefaultRuntimeClass is the GPU Operator's default handler; logged only.
+	DefaultRuntimeClass string
+	NodeName            string // logged
 	ContainerdSocket  string
 	RestartMode       string
 	RestartTimeout    time.Duration
@@ -137,10 +142,24 @@ func (a *agent) dropInPath() string {
 }
 
 func newAgent(cfg Config) (*agent, error) {
+	switch cfg.Runtime {
+	case "containerd", "":
+	case "crio", "cri-o":
+		return nil, fmt.Errorf("runtime %q: kata-manager configures containerd only; CRI-O is not supported (docs/operator.md)", cfg.Runtime)
+	default:
+		return nil, cli.Usagef("runtime %q: want containerd", cfg.Runtime)
+	}
 	file, err := LoadConfig(cfg.ConfigFile)
+	if errors.Is(err, fs.ErrNotExist) {
+		// As NVIDIA's kata-manager: no file means its defaults.
+		cfg.Log.WithField("configFile", cfg.ConfigFile).Warn("configuration file not found: no runtime classes until it appears")
+		file, err = &FileConfig{ArtifactsDir: DefaultArtifactsDir}, nil
+	}
 	if err != nil {
 		return nil, err
 	}
+	cfg.Log.WithFields(logrus.Fields{"node": cfg.NodeName, "operatorDefaultRuntime": cfg.DefaultRuntimeClass,
+		"containerdConfig": cfg.ContainerdConfig, "socket": cfg.ContainerdSocket}).Info("kata-manager starting")
 	mode, err := containerd.ParseRestartMode(cfg.RestartMode)
 	if err != nil {
 		return nil, &cli.UsageError{Err: err}

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -569,6 +570,29 @@ func TestKataManagerBadInput(t *testing.T) {
 		}
 		if main, _ := os.ReadFile(n.main); string(main) != string(n.original) {
 			t.Error("a bad config file changed containerd's configuration")
+		}
+	})
+
+	t.Run("the GPU Operator's environment", func(t *testing.T) {
+		n := newKataNode(t, classConfig("kata-qemu-nvidia-gpu", good))
+		r := run(t, "kata-manager", []string{"RUNTIME=crio"}, n.args("--once")...)
+		if r.code != 1 || !strings.Contains(r.stderr, "CRI-O is not supported") {
+			t.Errorf("RUNTIME=crio: want exit 1 saying CRI-O is not supported; got %s", r)
+		}
+		// RUNTIME_CONFIG and RUNTIME_SOCKET stand for CONTAINERD_CONFIG and
+		// CONTAINERD_SOCKET, which the operator sets too.
+		args := slices.DeleteFunc(n.args("--once"), func(a string) bool { return a == "--containerd-config" || a == n.main })
+		r = run(t, "kata-manager", []string{"RUNTIME=containerd", "RUNTIME_CONFIG=" + n.main, "CONTAINERD_RUNTIME_CLASS=nvidia", "NODE_NAME=gpu-node-7"}, args...)
+		if r.code != 0 || !strings.Contains(r.stderr, "gpu-node-7") {
+			t.Fatalf("with the operator's variables: %s", r)
+		}
+		if main, _ := os.ReadFile(n.main); !strings.Contains(string(main), "gpu-sandbox") {
+			t.Errorf("RUNTIME_CONFIG was not the configuration edited:\n%s", main)
+		}
+		// No configuration file: NVIDIA's defaults, no runtime classes.
+		os.Remove(n.configFile)
+		if r := run(t, "kata-manager", nil, n.args("--once")...); r.code != 0 || !strings.Contains(r.stderr, "configuration file not found") {
+			t.Errorf("missing configuration file: %s", r)
 		}
 	})
 

@@ -447,3 +447,23 @@ func TestVersion(t *testing.T) {
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }
+
+// The GPU Operator's vfio-manage is called with its own short flags and
+// names: -a, -d and --unbind-nvswitches do what --all, --device-id and
+// --bind-nvswitches do.
+func TestVFIOManageFlags(t *testing.T) {
+	n := newNode(t, vfiotest.HGXH100())
+	if r := run(t, "vfio-manage", nil, append([]string{"bind", "-d", "0000:18:00.0"}, n.flags...)...); r.code != 0 {
+		t.Fatalf("bind -d: %s", r)
+	}
+	n.wantDriver(t, "0000:18:00.0", "vfio-pci")
+	n.wantDriver(t, "0000:2a:00.0", "nvidia")
+	if r := run(t, "vfio-manage", []string{"BIND_NVSWITCHES=true"}, append([]string{"bind", "-a"}, n.flags...)...); r.code != 0 || !strings.Contains(r.stdout, "11 bound") {
+		t.Fatalf("bind -a: %s", r)
+	}
+	r := run(t, "vfio-manage", nil, append([]string{"unbind", "-a", "--unbind-nvswitches"}, n.flags...)...)
+	if r.code != 0 || !strings.Contains(r.stdout, "12 unbound") {
+		t.Fatalf("unbind -a --unbind-nvswitches: %s", r)
+	}
+	n.wantDriver(t, "0000:05:00.0", "nvidia")
+}

@@ -52,28 +52,28 @@ var (
 
 // Config is everything the agent takes from its flags and environment.
 type Config struct {
-	ConfigFile        string
-	ArtifactsDir      string // overrides the file's artifactsDir when set
-	ContainerdConfig  string
-	ContainerdDropIn  string // "" edits ContainerdConfig in place
-	ReplaceRuntimes   bool   // take over runtimes of our names that others defined
-	Runtime           string // the node's container runtime: only containerd is supported
+	ConfigFile       string
+	ArtifactsDir     string // overrides the file's artifactsDir when set
+	ContainerdConfig string
+	ContainerdDropIn string // "" edits ContainerdConfig in place
+	ReplaceRuntimes  bool   // take over runtimes of our names that others defined
+	Runtime          string // the node's container runtime: only containerd is supported
 	// DefaultRuntimeClass is the GPU Operator's default handler; logged only.
 	DefaultRuntimeClass string
 	NodeName            string // logged
-	ContainerdSocket  string
-	RestartMode       string
-	RestartTimeout    time.Duration
-	LoadKernelModules bool
-	CDIEnabled        bool
-	CDIRoot           string
-	HostRoot          string
-	PullSecretsDir    string
-	RemoveArtifacts   bool
-	CleanupOnExit     bool
-	Once              bool
-	HealthAddress     string
-	ReconcileInterval time.Duration
+	ContainerdSocket    string
+	RestartMode         string
+	RestartTimeout      time.Duration
+	LoadKernelModules   bool
+	CDIEnabled          bool
+	CDIRoot             string
+	HostRoot            string
+	PullSecretsDir      string
+	RemoveArtifacts     bool
+	CleanupOnExit       bool
+	Once                bool
+	HealthAddress       string
+	ReconcileInterval   time.Duration
 
 	Log *logrus.Logger
 }

@@ -63,14 +63,41 @@ func TestImages(t *testing.T) {
 			if err := extract(mutate.Extract(img), root); err != nil {
 				t.Fatal(err)
 			}
+			// The names the operator calls the binary by, and the busybox
+			// tools, as the Dockerfile lists them.
 			names := []string{agent}
-			if agent == "vfio-manager" {
-				names = append(names, "vfio-manage")
+			for _, m := range regexp.MustCompile(`ln -s \S+ /out/usr/bin/(\S+)`).FindAllSubmatch(dockerfile, -1) {
+				names = append(names, string(m[1]))
 			}
 			for _, n := range names {
 				out, err := exec.Command(filepath.Join(root, "usr/bin", n), "--version").CombinedOutput()
 				if err != nil || !strings.Contains(string(out), testVersion) {
 					t.Errorf("%s --version from the image: %v %s", n, err, out)
+				}
+			}
+			list := regexp.MustCompile(`for a in ([^;]+); do`).FindSubmatch(dockerfile)
+			if list == nil {
+				t.Fatal("the Dockerfile lists no busybox tools")
+			}
+			for _, a := range strings.Fields(string(list[1])) {
+				if target, err := os.Readlink(filepath.Join(root, "bin", a)); err != nil || target != "busybox" {
+					t.Errorf("/bin/%s: %q, %v; want a link to busybox", a, target, err)
+				}
+			}
+			if !slices.Contains(cfg.Config.Env, "PATH=/usr/bin:/bin") {
+				t.Errorf("image environment %v lacks PATH", cfg.Config.Env)
+			}
+			// The operator's commands: sh -c, bash scripts, and for
+			// kata-manager /bin/entrypoint.sh, all inside the image.
+			commands := [][]string{{"/bin/sh", "-c", "test -x /bin/busybox && sleep 0 && echo shell"},
+				{"/bin/bash", "-c", `[[ "$0" == "/bin/bash" || -n "$0" ]] && echo bash`}}
+			if agent == "kata-manager" {
+				commands = append(commands, []string{"/bin/sh", "-c", "/bin/entrypoint.sh --version"})
+			}
+			for _, c := range commands {
+				out, err := exec.Command("chroot", append([]string{root}, c...)...).CombinedOutput()
+				if err != nil || len(out) == 0 {
+					t.Errorf("%v in the image: %v %s", c, err, out)
 				}
 			}
 			if _, err := os.Stat(filepath.Join(root, "etc/ssl/certs/ca-certificates.crt")); err != nil {

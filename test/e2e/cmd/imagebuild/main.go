@@ -1,17 +1,20 @@
 // Command imagebuild builds the three operand images without a Docker
 // engine, with the same content as deployments/container/*.Dockerfile: the
-// static binary (and the vfio-manage link), the CA bundle, root user, the
-// binary as entrypoint. It pushes them to a registry or writes an OCI
-// layout.
+// static binary and the names the GPU Operator calls it by, a static
+// busybox shell with the few tools the operator's commands use, the CA
+// bundle, root user, the binary as entrypoint. It pushes them to a
+// registry or writes an OCI layout.
 package main
 
 import (
 	"archive/tar"
 	"bytes"
+	"debug/elf"
 	"flag"
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"time"
 
@@ -26,6 +29,28 @@ import (
 
 // Agents are the three operand images.
 var Agents = []string{"vfio-manager", "sandbox-device-plugin", "kata-manager"}
+
+// aliases are the names the GPU Operator's DaemonSets call each binary by,
+// installed as links in usr/bin.
+var aliases = map[string][]string{
+	"vfio-manager": {"vfio-manage"},
+	"kata-manager": {"k8s-kata-manager"},
+}
+
+// applets are the busybox tools in bin/: what the operator's commands,
+// probes, hooks and init containers run (sh -c with until loops, test,
+// cat, sleep; vfio-manage.sh's getopt, readlink, basename, grep, awk).
+var applets = []string{"sh", "cat", "sleep", "test", "[", "echo", "ls", "readlink", "basename", "dirname",
+	"chroot", "grep", "awk", "env", "mkdir", "rm", "true", "false", "getopt", "head", "tr", "printf"}
+
+// bashShim stands in for bash: scripts of the operator start with
+// #!/bin/bash, and busybox answers only to its applets' names, so bash
+// hands the script to busybox's sh (which knows [[ ]]).
+const bashShim = "#!/bin/sh\nexec /bin/sh \"$@\"\n"
+
+// entrypoint is what the operator runs in the kata-manager container
+// (/bin/sh -c /bin/entrypoint.sh) when it does not mount its own.
+const entrypoint = "#!/bin/sh\nexec k8s-kata-manager \"$@\"\n"
 
 func main() {
 	bin := flag.String("bin", "bin", "directory with the static binaries")
@@ -87,7 +112,17 @@ func build(bin, agent, version string) (v1.Image, error) {
 		_, err = tw.Write(b)
 		return err
 	}
-	for _, d := range []string{"usr/", "usr/bin/", "etc/", "etc/ssl/", "etc/ssl/certs/"} {
+	link := func(name, target string) error {
+		return tw.WriteHeader(&tar.Header{Name: name, Typeflag: tar.TypeSymlink, Linkname: target, Mode: 0o777, ModTime: mtime})
+	}
+	content := func(name, body string) error {
+		if err := tw.WriteHeader(&tar.Header{Name: name, Typeflag: tar.TypeReg, Mode: 0o755, Size: int64(len(body)), ModTime: mtime}); err != nil {
+			return err
+		}
+		_, err := tw.Write([]byte(body))
+		return err
+	}
+	for _, d := range []string{"bin/", "usr/", "usr/bin/", "etc/", "etc/ssl/", "etc/ssl/certs/"} {
 		if err := dir(d); err != nil {
 			return nil, err
 		}
@@ -95,8 +130,28 @@ func build(bin, agent, version string) (v1.Image, error) {
 	if err := file("usr/bin/"+agent, filepath.Join(bin, agent), 0o755); err != nil {
 		return nil, err
 	}
-	if agent == "vfio-manager" {
-		if err := tw.WriteHeader(&tar.Header{Name: "usr/bin/vfio-manage", Typeflag: tar.TypeSymlink, Linkname: "vfio-manager", Mode: 0o777, ModTime: mtime}); err != nil {
+	for _, a := range aliases[agent] {
+		if err := link("usr/bin/"+a, agent); err != nil {
+			return nil, err
+		}
+	}
+	busybox, err := staticBusybox()
+	if err != nil {
+		return nil, err
+	}
+	if err := file("bin/busybox", busybox, 0o755); err != nil {
+		return nil, err
+	}
+	for _, a := range applets {
+		if err := link("bin/"+a, "busybox"); err != nil {
+			return nil, err
+		}
+	}
+	if err := content("bin/bash", bashShim); err != nil {
+		return nil, err
+	}
+	if agent == "kata-manager" {
+		if err := content("bin/entrypoint.sh", entrypoint); err != nil {
 			return nil, err
 		}
 	}
@@ -123,6 +178,7 @@ func build(bin, agent, version string) (v1.Image, error) {
 	cfg = cfg.DeepCopy()
 	cfg.OS, cfg.Architecture = "linux", "amd64"
 	cfg.Config.Entrypoint = []string{"/usr/bin/" + agent}
+	cfg.Config.Env = []string{"PATH=/usr/bin:/bin"}
 	cfg.Config.User = "0:0"
 	cfg.Config.Labels = map[string]string{
 		"org.opencontainers.image.title":   agent,
@@ -130,4 +186,24 @@ func build(bin, agent, version string) (v1.Image, error) {
 		"org.opencontainers.image.source":  "https://github.com/gpu-sandbox/gpu-sandbox",
 	}
 	return mutate.ConfigFile(img, cfg)
+}
+
+// staticBusybox finds Debian's busybox-static: a busybox that needs no
+// shared library, since the images have none.
+func staticBusybox() (string, error) {
+	path, err := exec.LookPath("busybox")
+	if err != nil {
+		return "", fmt.Errorf("busybox: %w (apt-get install busybox-static)", err)
+	}
+	f, err := elf.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("busybox %s: %w", path, err)
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			return "", fmt.Errorf("busybox %s is linked dynamically: install busybox-static", path)
+		}
+	}
+	return path, nil
 }

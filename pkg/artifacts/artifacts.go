@@ -166,6 +166,9 @@ func (r *Result) intact() bool {
 // Pull creates or replaces; the files live in a sibling directory
 // .<name>.versions/<digest>, of which the current and the previous one are
 // kept so that a reader that resolved the old link finishes with old files.
+// Pulls into one dir, in this process or another, take turns: each holds an
+// flock on the versions directory from start to end, and one that waits
+// gives up when ctx ends.
 func Pull(ctx context.Context, ref, dir string, opts Options) (*Result, error) {
 	r, err := ParseReference(ref)
 	if err != nil {
@@ -287,6 +290,13 @@ func (p *puller) pull(ctx context.Context) (*Result, error) {
 	if fi, err := os.Lstat(p.versions); err != nil || !fi.IsDir() {
 		return nil, fmt.Errorf("%w: %q is not a directory (a symbolic link?)", ErrUnsafeTitle, p.versions)
 	}
+	unlock, err := p.lock(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	// Under the lock, a staging directory is no other pull's work in
+	// progress but what an interrupted one left.
 	p.clean()
 
 	// One request: what does the reference name now?
@@ -657,6 +667,38 @@ func (p *puller) swap(final string) error {
 		return err
 	}
 	return syncDir(filepath.Dir(p.dir))
+}
+
+// lock takes an exclusive flock on the versions directory, for which other
+// pulls into the same dir wait: without it one pull's clean removes the
+// other's staging directory mid-download. The lock is on the open file, so
+// it ends with the process too, and a crashed pull never blocks the next.
+func (p *puller) lock(ctx context.Context) (unlock func(), err error) {
+	// O_NOFOLLOW: a link swapped in after the check above is not followed.
+	fd, err := unix.Open(p.versions, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("lock %q: %w", p.versions, err)
+	}
+	// Polled rather than blocking, so that the wait ends with ctx: a
+	// blocked flock cannot be interrupted.
+	delay := 5 * time.Millisecond
+	for {
+		err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return func() { unix.Close(fd) }, nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
+			unix.Close(fd)
+			return nil, fmt.Errorf("lock %q: %w", p.versions, err)
+		}
+		select {
+		case <-ctx.Done():
+			unix.Close(fd)
+			return nil, fmt.Errorf("wait for another pull into %q: %w", p.dir, context.Cause(ctx))
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 200*time.Millisecond)
+	}
 }
 
 // clean removes what interrupted pulls left: staging directories and links.

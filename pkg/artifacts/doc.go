@@ -12,6 +12,11 @@
 // manifest request and no blob bytes. A failed or interrupted pull leaves the
 // previous content in place; its debris is removed by the next pull.
 //
+// Pulls into the same directory, from one process or several, take turns:
+// a pull holds an exclusive flock on the directory's versions directory
+// (.<name>.versions) from start to end, and another waits for it, until its
+// context ends. Readers take no lock; the link swap is what keeps them safe.
+//
 // Titles that would leave the directory are refused, before any blob is
 // downloaded. Credentials come from a pull secret's .dockerconfigjson and are
 // never part of an error.

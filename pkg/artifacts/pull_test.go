@@ -3,11 +3,14 @@ package artifacts_test
 import (
 	"context"
 	"errors"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 	"oras.land/oras-go/v2/content"
@@ -104,6 +107,97 @@ func TestPull(t *testing.T) {
 			return // the steps build on each other
 		}
 	}
+}
+
+// Two pulls into one directory take turns: the second starts while the
+// first has its staging directory full, and neither loses its work to the
+// other's cleanup. Guards the race in which the second pull's clean removed
+// the first's staging directory.
+func TestPullConcurrentSameDir(t *testing.T) {
+	reg := startRegistry(t)
+	files := kataFiles(1)
+	push(t, reg.host, "kata", "v1", files)
+	ref := reg.host + "/kata:v1"
+	dir := filepath.Join(t.TempDir(), "kata")
+	ctx := context.Background()
+	opts := artifacts.Options{PlainHTTP: true, Retries: -1}
+
+	type outcome struct {
+		res *artifacts.Result
+		err error
+	}
+	second := make(chan outcome, 1)
+	first := opts
+	first.Prepare = func(string, string, []artifacts.File) error {
+		// The second pull cleans up before its first request: once the
+		// registry sees that request, a pull that took no lock has
+		// removed this staging directory. One that waits for the lock
+		// never gets there; a quarter second is ample for one that does
+		// not wait, which takes milliseconds.
+		reached := make(chan struct{})
+		var once sync.Once
+		reg.setOnServe(func(*http.Request) { once.Do(func() { close(reached) }) })
+		defer reg.setOnServe(nil)
+		go func() {
+			res, err := artifacts.Pull(ctx, ref, dir, opts)
+			second <- outcome{res, err}
+		}()
+		select {
+		case <-reached:
+		case <-time.After(250 * time.Millisecond):
+		}
+		return nil
+	}
+	res, err := artifacts.Pull(ctx, ref, dir, first)
+	if err != nil {
+		t.Fatalf("first pull: %v", err)
+	}
+	o := <-second
+	if o.err != nil {
+		t.Fatalf("second pull: %v", o.err)
+	}
+	if !res.Changed || o.res.Changed || o.res.Digest != res.Digest {
+		t.Errorf("first changed %v (%s), second changed %v (%s): want the second to find the first's version",
+			res.Changed, res.Digest, o.res.Changed, o.res.Digest)
+	}
+	checkDir(t, dir, files, res)
+	if versions, junk := versionsDir(t, dir); len(versions) != 1 || len(junk) > 0 {
+		t.Errorf("versions %q and debris %q, want one version and no debris", versions, junk)
+	}
+}
+
+// A pull that waits for another gives up when its context ends, before it
+// touches anything.
+func TestPullWaitEndsWithContext(t *testing.T) {
+	reg := startRegistry(t)
+	files := kataFiles(1)
+	push(t, reg.host, "kata", "v1", files)
+	ref := reg.host + "/kata:v1"
+	dir := filepath.Join(t.TempDir(), "kata")
+	opts := artifacts.Options{PlainHTTP: true, Retries: -1}
+
+	var waitErr error
+	var waitRequests []string
+	first := opts
+	first.Prepare = func(string, string, []artifacts.File) error {
+		reg.served()
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		defer cancel()
+		_, waitErr = artifacts.Pull(ctx, ref, dir, opts)
+		waitRequests = reg.served()
+		return nil
+	}
+	res, err := artifacts.Pull(context.Background(), ref, dir, first)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !errors.Is(waitErr, context.DeadlineExceeded) || !strings.Contains(waitErr.Error(), dir) {
+		t.Errorf("waiting pull: got %v, want a deadline error naming %s", waitErr, dir)
+	}
+	if len(waitRequests) > 0 {
+		t.Errorf("the waiting pull sent %q", waitRequests)
+	}
+	checkDir(t, dir, files, res)
 }
 
 // versionsDir lists dir's versions directory: the version directories, and

@@ -60,7 +60,10 @@ const (
 type Options struct {
 	// DockerConfig is a pull secret's .dockerconfigjson: "auths" keyed by
 	// registry, each with "auth" (base64 user:password) or "username" and
-	// "password". Nil: anonymous.
+	// "password". Docker Hub's entry may be keyed by any of its names, as
+	// with the docker CLI: "https://index.docker.io/v1/" (what docker login
+	// and kubectl write), "docker.io", "index.docker.io" or
+	// "registry-1.docker.io". Nil: anonymous.
 	DockerConfig []byte
 	// PlainHTTP talks HTTP instead of HTTPS.
 	PlainHTTP bool
@@ -123,7 +126,9 @@ type Result struct {
 }
 
 // ParseReference parses an artifact reference. A reference without tag or
-// digest means the tag "latest", as with docker pull.
+// digest means the tag "latest", as with docker pull. Docker Hub references
+// are named as the docker CLI names them: "index.docker.io" is "docker.io",
+// and a repository of one part there is an official one under "library/".
 func ParseReference(ref string) (registry.Reference, error) {
 	r, err := registry.ParseReference(ref)
 	if err != nil {
@@ -131,6 +136,15 @@ func ParseReference(ref string) (registry.Reference, error) {
 	}
 	if r.Reference == "" {
 		r.Reference = "latest"
+	}
+	// oras-go sends "docker.io" to registry-1.docker.io but would send
+	// "index.docker.io" to a host of that name; and "docker.io/ubuntu" names
+	// nothing on Docker Hub, which only knows "library/ubuntu".
+	if r.Registry == "index.docker.io" {
+		r.Registry = "docker.io"
+	}
+	if r.Registry == "docker.io" && !strings.Contains(r.Repository, "/") {
+		r.Repository = "library/" + r.Repository
 	}
 	return r, nil
 }
@@ -276,9 +290,42 @@ func httpClient(opts Options) (*auth.Client, error) {
 			// The parser's message may quote the secret: name the cause only.
 			return nil, fmt.Errorf("%w: the pull secret is not a valid dockerconfigjson", ErrInvalidOptions)
 		}
-		client.Credential = credentials.Credential(store)
+		client.Credential = credential(store)
 	}
 	return client, nil
+}
+
+// credential looks up the pull secret's entry for the host a request goes
+// to. Docker Hub is one registry under several names, and oras-go's own
+// lookup never finds its entry: the store keeps the docker CLI's key
+// "https://index.docker.io/v1/" as "index.docker.io", while
+// credentials.Credential asks it for "https://index.docker.io/v1/" when a
+// request goes to registry-1.docker.io. So every Docker Hub name is tried
+// for every Docker Hub host, the docker CLI's key first.
+func credential(store credentials.Store) auth.CredentialFunc {
+	return func(ctx context.Context, hostport string) (auth.Credential, error) {
+		if !dockerHub(hostport) {
+			return store.Get(ctx, hostport)
+		}
+		// The first two are one key, before and after the store's
+		// normalisation: a later oras-go may keep it as written.
+		for _, key := range []string{"https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io"} {
+			cred, err := store.Get(ctx, key)
+			if err != nil || cred != auth.EmptyCredential {
+				return cred, err
+			}
+		}
+		return auth.EmptyCredential, nil
+	}
+}
+
+// dockerHub reports whether host is one of Docker Hub's names.
+func dockerHub(host string) bool {
+	switch host {
+	case "docker.io", "index.docker.io", "registry-1.docker.io":
+		return true
+	}
+	return false
 }
 
 func (p *puller) pull(ctx context.Context) (*Result, error) {

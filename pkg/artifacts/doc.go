@@ -19,5 +19,7 @@
 //
 // Titles that would leave the directory are refused, before any blob is
 // downloaded. Credentials come from a pull secret's .dockerconfigjson and are
-// never part of an error.
+// never part of an error. Docker Hub's names (docker.io, index.docker.io,
+// registry-1.docker.io and the docker CLI's key https://index.docker.io/v1/)
+// all name one registry, as with the docker CLI.
 package artifacts

@@ -9,12 +9,15 @@ import (
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/artifacts"
 )
 
-// References are parsed by oras-go; no tag means "latest".
+// References are parsed by oras-go; no tag means "latest". Docker Hub's
+// are named as the docker CLI names them.
 func ExampleParseReference() {
 	for _, s := range []string{
 		"nvcr.io/nvidia/cloud-native/kata-gpu-artifacts:ubuntu22.04-535",
 		"registry.local:5000/kata",
 		"registry.local:5000/kata@sha256:" + "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+		"index.docker.io/acme/kata:v1",
+		"docker.io/kata",
 	} {
 		r, err := artifacts.ParseReference(s)
 		fmt.Println(r.Registry, r.Repository, r.Reference, err)
@@ -25,6 +28,8 @@ func ExampleParseReference() {
 	// nvcr.io nvidia/cloud-native/kata-gpu-artifacts ubuntu22.04-535 <nil>
 	// registry.local:5000 kata latest <nil>
 	// registry.local:5000 kata sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef <nil>
+	// docker.io acme/kata v1 <nil>
+	// docker.io library/kata latest <nil>
 	// true
 }
 

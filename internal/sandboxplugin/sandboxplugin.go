@@ -39,6 +39,9 @@ const (
 	DefaultRescanInterval = 30 * time.Second
 
 	settleDelay = 50 * time.Millisecond
+	// specsHoldMax bounds how long the first CDI specs wait for the
+	// kubelet to take every resource.
+	specsHoldMax = time.Second
 )
 
 // Config is everything the agent takes from its flags and environment.
@@ -103,17 +106,22 @@ type plugin struct {
 	cdi   *cdi.Writer
 	m     *metrics
 
+	vfioDir, iommuPath string // /dev/vfio and /dev/iommu under --dev-root
+
 	state   atomic.Pointer[snapshot]
 	scanned atomic.Bool
 
 	mu      sync.Mutex // guards servers, read by /readyz
 	servers map[string]*running
 
+	registered chan struct{} // a resource registered; never blocks the sender
+
 	// Owned by the run loop.
-	known   map[string]*device
-	written map[string]bool // CDI kinds on disk
-	lastErr string
-	wg      sync.WaitGroup
+	specsHeld bool // no CDI spec written yet: good news held back
+	known     map[string]*device
+	written   map[string]bool // CDI kinds on disk
+	lastErr   string
+	wg        sync.WaitGroup
 }
 
 type running struct {
@@ -145,8 +153,9 @@ func newPlugin(cfg Config) (*plugin, error) {
 	}
 	p := &plugin{
 		cfg: cfg, log: cfg.Log, sysfs: vfio.NewSysfs(cfg.SysfsRoot), sel: sel, cdi: w, m: newMetrics(),
-		namer:   newNamer(cfg.PCIIDs, cfg.GPUAlias, cfg.NVSwitchAlias),
-		known:   map[string]*device{},
+		vfioDir: filepath.Join(cfg.DevRoot, "vfio"), iommuPath: filepath.Join(cfg.DevRoot, "iommu"),
+		namer: newNamer(cfg.PCIIDs, cfg.GPUAlias, cfg.NVSwitchAlias),
+		known: map[string]*device{}, registered: make(chan struct{}, 1),
 		servers: map[string]*running{},
 		written: map[string]bool{},
 	}
@@ -171,12 +180,32 @@ func (p *plugin) run(ctx context.Context) error {
 
 	srvCtx, cancelServers := context.WithCancel(context.Background())
 	defer p.shutdown(cancelServers)
+	// Registering goes first. Written now, the CDI specs (two YAML
+	// encodings and two fsyncs each) would hold the processors that the
+	// registrations' round trips with the kubelet wait for: about 5 ms
+	// more to registered. The specs, and with them the devices' good news,
+	// follow once every resource is registered, or after specsHoldMax
+	// without a kubelet.
+	p.specsHeld = true
 	p.scan(srvCtx)
 	p.scanned.Store(true)
-	// What start-up parsed and built (PCI names, the first scan) is garbage
-	// now: return it to the kernel at once rather than over minutes, since
-	// idle RSS is what every node pays.
-	go debug.FreeOSMemory()
+	hold := time.NewTimer(specsHoldMax)
+	defer hold.Stop()
+	release := func() {
+		if p.specsHeld {
+			p.specsHeld = false
+			p.publish(srvCtx, p.state.Load().mode, nil, true)
+			// Start-up is over. What it parsed and built (PCI names,
+			// scans, specs, connections) is garbage now: return it to
+			// the kernel at once rather than over minutes, since idle
+			// RSS is what every node pays. Not before: the collection
+			// would take the processors the registrations wait for.
+			go debug.FreeOSMemory()
+		}
+	}
+	if p.notReady() == "" {
+		release() // nothing to register
+	}
 
 	poll := time.NewTicker(p.cfg.PollInterval)
 	defer poll.Stop()
@@ -218,6 +247,12 @@ func (p *plugin) run(ctx context.Context) error {
 			}
 		case <-rescan.C:
 			p.scan(srvCtx)
+		case <-p.registered:
+			if p.notReady() == "" {
+				release()
+			}
+		case <-hold.C:
+			release()
 		}
 	}
 }
@@ -235,16 +270,19 @@ func (p *plugin) watch(w *fsnotify.Watcher) {
 // watchedDir reports whether path is one of the directories watch follows
 // below /dev.
 func (p *plugin) watchedDir(path string) bool {
-	vfioDir := filepath.Join(p.cfg.DevRoot, "vfio")
-	return path == vfioDir || path == filepath.Join(vfioDir, "devices")
+	return path == p.vfioDir || path == filepath.Join(p.vfioDir, "devices")
 }
 
 // vfioPath reports whether a path under the watched part of /dev can matter
 // to the devices: /dev/vfio and everything in it, and /dev/iommu (which
 // decides the mode in auto).
 func (p *plugin) vfioPath(path string) bool {
-	vfioDir := filepath.Join(p.cfg.DevRoot, "vfio")
-	return path == vfioDir || strings.HasPrefix(path, vfioDir+"/") || path == filepath.Join(p.cfg.DevRoot, "iommu")
+	return under(path, p.vfioDir) || path == p.iommuPath
+}
+
+// under reports whether path is dir or below it.
+func under(path, dir string) bool {
+	return strings.HasPrefix(path, dir) && (len(path) == len(dir) || path[len(dir)] == '/')
 }
 
 // shutdown stops every plugin (removing their sockets) and the CDI specs.
@@ -308,7 +346,7 @@ func (p *plugin) scan(ctx context.Context) {
 		}
 	}
 
-	p.publish(ctx, mode, nil, true)
+	p.publish(ctx, mode, nil, !p.specsHeld)
 }
 
 // nodeEvent applies what a /dev event says to the devices whose nodes it
@@ -350,19 +388,22 @@ func (p *plugin) nodeEvent(ctx context.Context, ev fsnotify.Event) {
 		}
 		runtime.Gosched()
 	}
-	p.publish(ctx, p.state.Load().mode, resources, !gone)
+	p.publish(ctx, p.state.Load().mode, resources, !gone && !p.specsHeld)
 	// Logged once the kubelet has the news, not before.
 	for _, d := range changed {
 		p.logHealth(d, !gone, true, gone)
 	}
 }
 
-// list is what the kubelet is to see of resource as p.known says it.
+// list is what the kubelet is to see of resource as p.known says it, less
+// the good news not yet published.
 func (p *plugin) list(resource string) []deviceplugin.Device {
+	published := p.state.Load().devices
 	var l []deviceplugin.Device
 	for id, d := range p.known {
 		if d.Resource == resource {
-			l = append(l, deviceplugin.Device{ID: id, Healthy: d.Healthy, NUMANode: d.NUMA})
+			healthy := d.Healthy && published[id] != nil && published[id].Healthy
+			l = append(l, deviceplugin.Device{ID: id, Healthy: healthy, NUMANode: d.NUMA})
 		}
 	}
 	return l
@@ -372,7 +413,7 @@ func (p *plugin) list(resource string) []deviceplugin.Device {
 // above them.
 func names(d *device, path string) bool {
 	for _, n := range d.hostNodes {
-		if n == path || strings.HasPrefix(n, path+"/") {
+		if under(n, path) {
 			return true
 		}
 	}
@@ -382,24 +423,29 @@ func names(d *device, path string) bool {
 // publish makes what p.known says the state that Allocate reads and the
 // kubelet sees, for the given resources (nil: all). Bad news goes out
 // first: a device that failed is withdrawn at once. Good news waits for the
-// CDI specs (written when writeSpecs), so that a name Allocate hands out
-// resolves.
+// CDI specs, so that a name Allocate hands out resolves: it is sent once
+// they are written, and held back (the device stays unhealthy to the
+// kubelet and to Allocate) by a publish that does not write them.
 func (p *plugin) publish(ctx context.Context, mode vfio.Mode, resources map[string]bool, writeSpecs bool) {
 	prev := p.state.Load().devices
 	snap := &snapshot{mode: mode, devices: make(map[string]*device, len(p.known))}
 	early, final := map[string][]deviceplugin.Device{}, map[string][]deviceplugin.Device{}
 	good := false
 	for id, d := range p.known {
+		was := prev[id] != nil && prev[id].Healthy
 		c := *d
+		if !writeSpecs {
+			c.Healthy = d.Healthy && was
+		}
 		snap.devices[id] = &c
 		if resources != nil && !resources[d.Resource] {
 			continue
 		}
-		was := prev[id] != nil && prev[id].Healthy
 		good = good || d.Healthy && !was
 		early[d.Resource] = append(early[d.Resource], deviceplugin.Device{ID: id, Healthy: d.Healthy && was, NUMANode: d.NUMA})
 		final[d.Resource] = append(final[d.Resource], deviceplugin.Device{ID: id, Healthy: d.Healthy, NUMANode: d.NUMA})
 	}
+	good = good && writeSpecs
 	if !good {
 		// Allocate refuses what failed before the kubelet hears of it.
 		p.state.Store(snap)
@@ -499,6 +545,10 @@ func (p *plugin) onEvent(e deviceplugin.Event) {
 	case deviceplugin.EventRegistered:
 		p.m.registered(e.Resource)
 		entry.Info("registered with the kubelet")
+		select {
+		case p.registered <- struct{}{}:
+		default:
+		}
 	case deviceplugin.EventRegisterFailed, deviceplugin.EventServeFailed:
 		entry.WithError(e.Err).Warnf("%s; retrying", e.Type)
 	case deviceplugin.EventWaitingForKubelet:

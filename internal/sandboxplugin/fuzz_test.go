@@ -4,6 +4,8 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
 )
 
 // The rule as regular expressions, as ModelName and ValidResourceName had
@@ -38,12 +40,12 @@ func FuzzModelName(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
-		n := ModelName(s)
+		n := vfio.ModelName(s)
 		if n != "" && (!ValidResourceName(n) || len(n) > 63) {
-			t.Fatalf("ModelName(%q) = %q: not a valid resource name", s, n)
+			t.Fatalf("vfio.ModelName(%q) = %q: not a valid resource name", s, n)
 		}
 		if ref := refModelName(s); n != ref {
-			t.Fatalf("ModelName(%q) = %q; the rule's regular expressions give %q", s, n, ref)
+			t.Fatalf("vfio.ModelName(%q) = %q; the rule's regular expressions give %q", s, n, ref)
 		}
 		if got, ref := ValidResourceName(s), refValidName.MatchString(s); got != ref {
 			t.Fatalf("ValidResourceName(%q) = %v; the rule's regular expression says %v", s, got, ref)

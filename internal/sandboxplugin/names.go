@@ -10,44 +10,6 @@ import (
 // ResourceVendor prefixes every resource the plugin advertises.
 const ResourceVendor = "nvidia.com"
 
-// ModelName turns a pci.ids device name into the name part of a resource by
-// the kubevirt-gpu-device-plugin rule, so that the GPU Operator's samples
-// keep working: upper case, "/" "." and white space to "_", other characters
-// dropped ("GA102GL [A10]" gives "GA102GL_A10"). The result is cut to 63
-// characters and trimmed to start and end with a letter or digit, as
-// Kubernetes requires; a name with nothing left is "".
-//
-// It takes no regular expressions: compiled at start, the three it took
-// cost every start 0.2 ms and 46 kB for a few names.
-func ModelName(pciName string) string {
-	var b strings.Builder
-	space := false
-	for _, r := range strings.ToUpper(strings.TrimSpace(pciName)) {
-		if r == ' ' || r == '\t' || r == '\n' || r == '\f' || r == '\r' { // RE2's \s
-			if !space {
-				b.WriteByte('_')
-			}
-			space = true
-			continue
-		}
-		// A character dropped below still ends a run of white space: the
-		// rule turns the runs into "_" before it drops anything.
-		space = false
-		switch {
-		case r == '/' || r == '.':
-			b.WriteByte('_')
-		case r == '_' || isAlnum(r):
-			b.WriteRune(r)
-		}
-	}
-	trim := func(s string) string { return strings.TrimFunc(s, func(r rune) bool { return !isAlnum(r) }) }
-	n := trim(b.String())
-	if len(n) > 63 {
-		n = trim(n[:63])
-	}
-	return n
-}
-
 func isAlnum(r rune) bool {
 	return 'A' <= r && r <= 'Z' || 'a' <= r && r <= 'z' || '0' <= r && r <= '9'
 }
@@ -98,7 +60,7 @@ func (n *namer) resource(p *vfio.Passthrough) string {
 		if n.names == nil {
 			n.names = vfio.NewNames(n.pciIDs)
 		}
-		name = ModelName(n.names.Name(id[0], id[1]))
+		name = vfio.ModelName(n.names.Name(id[0], id[1]))
 		if name == "" {
 			name = fmt.Sprintf("%04x", id[1])
 		}

@@ -3,6 +3,8 @@ package sandboxplugin
 import (
 	"strings"
 	"testing"
+
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
 )
 
 func TestModelName(t *testing.T) {
@@ -19,11 +21,11 @@ func TestModelName(t *testing.T) {
 		"!!!":                                    "",
 		"GB202 [GeForce RTX 5090] 32GB GDDR7 ++": "GB202_GEFORCE_RTX_5090_32GB_GDDR7",
 	} {
-		if got := ModelName(in); got != want {
-			t.Errorf("ModelName(%q) = %q, want %q", in, got, want)
+		if got := vfio.ModelName(in); got != want {
+			t.Errorf("vfio.ModelName(%q) = %q, want %q", in, got, want)
 		}
 	}
-	long := ModelName(strings.Repeat("ABCDEFGHIJ ", 10))
+	long := vfio.ModelName(strings.Repeat("ABCDEFGHIJ ", 10))
 	if len(long) > 63 || !ValidResourceName(long) {
 		t.Errorf("long name %q (%d chars) is not a valid resource name", long, len(long))
 	}

@@ -30,8 +30,9 @@ var (
 	// ErrVFsEnabled means an SR-IOV physical function has virtual functions
 	// enabled: vfio-pci cannot take it while they exist.
 	ErrVFsEnabled = errors.New("SR-IOV virtual functions enabled")
-	// ErrInUse means a process holds a device's VFIO node open (a VM is
-	// using it), so taking it from vfio would pull it from under the VM.
+	// ErrInUse means a process holds a device open: its VFIO node (a VM is
+	// using it), so taking it from vfio would pull it from under the VM; or
+	// its host driver's node (/dev/nvidiaN), so the driver cannot let it go.
 	ErrInUse = errors.New("in use")
 	// ErrSysfs means a sysfs attribute is missing or malformed.
 	ErrSysfs = errors.New("bad sysfs attribute")

@@ -164,7 +164,9 @@ func (r *Result) Count(a Action) int {
 // Bind gives every viable group of the plan to VFIO, groups in parallel.
 // It fails before touching anything when the node has no IOMMU or a needed
 // driver cannot be loaded; otherwise failures are per group in the Result,
-// and a group that fails part-way is returned to where it was.
+// and a group that fails part-way is returned to where it was. A group a
+// process still uses through its host driver (HostHolders) is refused
+// whole (ActionRefused, ErrInUse) and not touched.
 func (m *Manager) Bind(ctx context.Context, p *Plan) (*Result, error) {
 	if n, err := m.sysfs.IOMMUGroupCount(); err != nil {
 		return nil, err
@@ -196,7 +198,47 @@ func (m *Manager) Bind(ctx context.Context, p *Plan) (*Result, error) {
 			}
 		}
 	}
-	return m.eachGroup(p, func(g *Group) []Outcome { return m.bindGroup(ctx, g, targets) }), nil
+	var held map[int][]Holder
+	var heldErr error
+	if !m.dryRun {
+		held, heldErr = m.HostHolders(p)
+	}
+	return m.eachGroup(p, func(g *Group) []Outcome {
+		if err := hostInUse(g, held, heldErr); err != nil {
+			out := make([]Outcome, len(g.Members))
+			for i, mem := range g.Members {
+				out[i] = Outcome{Address: mem.Address, Group: g.ID, Role: mem.Role, Action: ActionRefused,
+					From: mem.Driver, To: mem.Driver, Err: err}
+			}
+			return out
+		}
+		return m.bindGroup(ctx, g, targets)
+	}), nil
+}
+
+// hostInUse is the reason not to take the group from its host drivers: a
+// process uses a member through them, or the processes could not be checked.
+func hostInUse(g *Group, held map[int][]Holder, heldErr error) error {
+	if g.Err != nil {
+		return nil // reported as skipped
+	}
+	if heldErr != nil {
+		return fmt.Errorf("bind iommu group %d: cannot tell whether a process uses it through its host driver: %w", g.ID, heldErr)
+	}
+	hs := held[g.ID]
+	if len(hs) == 0 {
+		return nil
+	}
+	return fmt.Errorf("bind iommu group %d: %w: %s; the host driver cannot let the device go while it is open: stop it first",
+		g.ID, ErrInUse, holderList(hs))
+}
+
+func holderList(hs []Holder) string {
+	desc := make([]string, len(hs))
+	for i, h := range hs {
+		desc[i] = h.String()
+	}
+	return strings.Join(desc, ", ")
 }
 
 // UnbindOptions tune Unbind. The zero value gives back only devices this
@@ -252,12 +294,8 @@ func (m *Manager) inUse(g *Group, held map[int][]Holder, heldErr error) error {
 	if len(hs) == 0 {
 		return nil
 	}
-	desc := make([]string, len(hs))
-	for i, h := range hs {
-		desc[i] = h.String()
-	}
 	return fmt.Errorf("unbind iommu group %d: %w: %s; stop it first (or --force, which takes the device from a running VM)",
-		g.ID, ErrInUse, strings.Join(desc, ", "))
+		g.ID, ErrInUse, holderList(hs))
 }
 
 func (m *Manager) eachGroup(p *Plan, f func(*Group) []Outcome) *Result {

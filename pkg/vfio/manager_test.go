@@ -26,12 +26,17 @@ func newFixture(t *testing.T, n vfiotest.Node, opts ...vfio.Option) *fixture {
 	t.Helper()
 	tree, emu := vfiotest.New(t, n)
 	f := &fixture{tree: tree, emu: emu, stateDir: filepath.Join(t.TempDir(), "state")}
-	f.m = vfio.NewManager(append([]vfio.Option{
-		vfio.WithSysfsRoot(tree.SysfsRoot), vfio.WithDevRoot(tree.DevRoot),
-		vfio.WithHostRoot(tree.HostRoot), vfio.WithStateDir(f.stateDir),
+	f.m = f.manager(opts...)
+	return f
+}
+
+// manager is a Manager on the fixture's tree with opts on top.
+func (f *fixture) manager(opts ...vfio.Option) *vfio.Manager {
+	return vfio.NewManager(append([]vfio.Option{
+		vfio.WithSysfsRoot(f.tree.SysfsRoot), vfio.WithDevRoot(f.tree.DevRoot),
+		vfio.WithHostRoot(f.tree.HostRoot), vfio.WithStateDir(f.stateDir),
 		vfio.WithTimeout(2 * time.Second),
 	}, opts...)...)
-	return f
 }
 
 func (f *fixture) plan(t *testing.T, list string, nvswitches bool, addresses []string) *vfio.Plan {
@@ -375,6 +380,39 @@ func TestUnbindRefusesGroupInUse(t *testing.T) {
 		t.Fatalf("forced unbind: %+v", r.Outcomes)
 	}
 	f.wantDriver(t, "0000:65:00.1", "snd_hda_intel", "")
+}
+
+// A GPU that a process still uses through the nvidia driver (persistenced,
+// DCGM, NVML in a device plugin, a container) cannot be taken from it: the
+// driver's remove would wait for the process. Its group is refused, named
+// with the process, and not touched; the others are bound.
+func TestBindRefusesGPUHeldThroughHostDriver(t *testing.T) {
+	f := newFixture(t, vfiotest.HGXH100())
+	// The tree's proc root, with this process in it, is what the agent sees.
+	f.m = f.manager(vfio.WithProcRoot(f.tree.ProcRoot))
+	if err := f.tree.AddProcess(os.Getpid()); err != nil {
+		t.Fatal(err)
+	}
+	held := vfiotest.HGXH100GPUs[2]
+	holdOpen(t, f.tree.NVIDIANode(held))
+
+	r := f.bind(t, f.plan(t, "", false, nil))
+	o := outcome(t, r, held)
+	if o.Action != vfio.ActionRefused || !errors.Is(o.Err, vfio.ErrInUse) {
+		t.Fatalf("%s: %s, %v; want refused, in use", held, o.Action, o.Err)
+	}
+	for _, want := range []string{fmt.Sprintf("pid %d", os.Getpid()), "/dev/nvidia2", "iommu group 22"} {
+		if !strings.Contains(o.Err.Error(), want) {
+			t.Errorf("error %q does not name %s", o.Err, want)
+		}
+	}
+	f.wantDriver(t, held, "nvidia", "")
+	if exists(filepath.Join(f.stateDir, held+".json")) {
+		t.Errorf("%s: a record written for a device that was not touched", held)
+	}
+	if n := r.Count(vfio.ActionBound); n != 7 {
+		t.Errorf("bound %d devices, want the 7 free H100s", n)
+	}
 }
 
 // A process that cannot be checked is a process that may hold the device.

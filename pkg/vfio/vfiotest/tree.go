@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -81,13 +82,21 @@ alias vfio_pci:v000010DEd00002345sv*sd*bc*sc*i* nvgrace_gpu_vfio_pci
 alias vfio_pci:v000015B3d0000101Esv*sd*bc*sc*i* mlx5_vfio_pci
 `
 
-// Tree is a fake node on disk: Root/sys, Root/dev and Root/host (the host
-// root file system with lib/modules).
+// Tree is a fake node on disk: Root/sys, Root/dev, Root/host (the host
+// root file system with lib/modules) and Root/proc.
+//
+// The nvidia driver is modelled where tools look at it: a GPU on "nvidia"
+// has /dev/nvidiaN (N its minor, the GPU's place among the node's NVIDIA
+// GPUs) and proc/driver/nvidia/gpus/<address>/information naming the minor.
+// Root/proc holds the driver's files and, for the processes a test adds
+// (AddProcess), links to their /proc/<pid>: a proc root in which only those
+// processes run.
 type Tree struct {
 	Root      string
 	SysfsRoot string
 	DevRoot   string
 	HostRoot  string
+	ProcRoot  string
 	node      Node
 	byAddr    map[string]*Device
 }
@@ -99,6 +108,7 @@ func Build(dir string, n Node) (*Tree, error) {
 		SysfsRoot: filepath.Join(dir, "sys"),
 		DevRoot:   filepath.Join(dir, "dev"),
 		HostRoot:  filepath.Join(dir, "host"),
+		ProcRoot:  filepath.Join(dir, "proc"),
 		node:      n,
 		byAddr:    map[string]*Device{},
 	}
@@ -121,7 +131,7 @@ func Build(dir string, n Node) (*Tree, error) {
 func (t *Tree) build() error {
 	for _, d := range []string{
 		"sys/bus/pci/devices", "sys/bus/pci/drivers", "sys/devices", "sys/module", "sys/class/vfio",
-		"dev/vfio",
+		"dev/vfio", "proc/driver/nvidia/gpus",
 	} {
 		if err := os.MkdirAll(filepath.Join(t.Root, d), 0o755); err != nil {
 			return err
@@ -374,6 +384,11 @@ func (t *Tree) attach(addr, drv string) error {
 	if err != nil {
 		return err
 	}
+	if drv == "nvidia" {
+		if err := t.addNVIDIA(addr); err != nil {
+			return err
+		}
+	}
 	if isVFIO(drv) {
 		if err := t.addVFIONodes(dir, t.byAddr[addr].IOMMUGroup); err != nil {
 			return err
@@ -474,6 +489,9 @@ func (t *Tree) detach(addr, drv string) error {
 	if err := os.Remove(filepath.Join(t.driverDir(drv), addr)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
+	if drv == "nvidia" {
+		return os.RemoveAll(filepath.Join(t.ProcRoot, "driver/nvidia/gpus", addr))
+	}
 	if !isVFIO(drv) {
 		return nil
 	}
@@ -495,6 +513,65 @@ func (t *Tree) detach(addr, drv string) error {
 		return nil
 	}
 	return t.removeGroupNode(group)
+}
+
+// nvidiaMinor is the GPU's place among the node's NVIDIA GPUs, the minor
+// of its /dev/nvidiaN; -1 for a device that is no NVIDIA GPU.
+func (t *Tree) nvidiaMinor(addr string) int {
+	n := 0
+	for _, d := range t.node.Devices {
+		if d.Vendor != VendorNVIDIA || d.Class>>16 != 0x03 {
+			continue
+		}
+		if d.Address == addr {
+			return n
+		}
+		n++
+	}
+	return -1
+}
+
+// addNVIDIA is what the nvidia driver's probe of a GPU leaves: its entry
+// under /proc/driver/nvidia/gpus and, as nvidia-modprobe makes it,
+// /dev/nvidiaN, which stays when the driver lets the GPU go.
+func (t *Tree) addNVIDIA(addr string) error {
+	minor := t.nvidiaMinor(addr)
+	if minor < 0 {
+		return nil
+	}
+	d := t.byAddr[addr]
+	dir := filepath.Join(t.ProcRoot, "driver/nvidia/gpus", addr)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	info := fmt.Sprintf("Model: \t\t %04x:%04x\nIRQ:   \t\t 0\nGPU UUID: \t GPU-00000000-0000-0000-0000-%012d\n"+
+		"Bus Type: \t PCIe\nBus Location: \t %s\nDevice Minor: \t %d\nGPU Excluded:\t No\n",
+		d.Vendor, d.Device, minor, addr, minor)
+	if err := writeFile(filepath.Join(dir, "information"), info, 0o444); err != nil {
+		return err
+	}
+	node := t.NVIDIANode(addr)
+	if _, err := os.Stat(node); err == nil {
+		return nil
+	}
+	return writeFile(node, "", 0o666)
+}
+
+// NVIDIANode is the path of the GPU's /dev/nvidiaN in the tree, "" for a
+// device that is no NVIDIA GPU.
+func (t *Tree) NVIDIANode(addr string) string {
+	minor := t.nvidiaMinor(addr)
+	if minor < 0 {
+		return ""
+	}
+	return filepath.Join(t.DevRoot, fmt.Sprintf("nvidia%d", minor))
+}
+
+// AddProcess makes a running process visible under the tree's proc root
+// (ProcRoot/<pid> links to /proc/<pid>), so that what it holds open is
+// what a scan of ProcRoot finds.
+func (t *Tree) AddProcess(pid int) error {
+	return os.Symlink(fmt.Sprintf("/proc/%d", pid), filepath.Join(t.ProcRoot, strconv.Itoa(pid)))
 }
 
 func (t *Tree) driverOf(addr string) string {

@@ -120,3 +120,44 @@ func BoundToVFIO(n Node) Node {
 	out.Drivers = append(append([]string(nil), n.Drivers...), "vfio-pci")
 	return out
 }
+
+// DeviceL40S is the AD102GL [L40S].
+const DeviceL40S = 0x26b9
+
+// TwoSocketL40SGPUs are the addresses TwoSocketL40S uses, in order.
+var TwoSocketL40SGPUs = []string{
+	"0000:1b:00.0", "0000:1c:00.0", "0000:3d:00.0", "0000:3e:00.0",
+	"0000:9d:00.0", "0000:9e:00.0", "0000:bd:00.0", "0000:be:00.0",
+}
+
+// TwoSocketL40S is a two-socket 4U server with eight L40S: on each socket
+// two PCIe switches, each with two GPUs on its downstream ports (the layout
+// of Supermicro's and Dell's eight-GPU PCIe servers), every GPU alone in its
+// IOMMU group. Everything starts on the nvidia driver; vfio-pci is loaded.
+func TwoSocketL40S() Node {
+	n := Node{Drivers: []string{"vfio-pci"}}
+	group := 60
+	for sw := 0; sw < 4; sw++ {
+		first := TwoSocketL40SGPUs[2*sw]
+		var bus int
+		fmt.Sscanf(first[5:7], "%x", &bus)
+		// Upstream port two buses above the first GPU, a downstream port per GPU.
+		up := fmt.Sprintf("0000:%02x:00.0", bus-2)
+		numa := sw / 2
+		n.Devices = append(n.Devices, Device{Address: up, Vendor: 0x1000, Device: 0xc030, Class: ClassBridge,
+			Driver: "pcieport", IOMMUGroup: group, NUMANode: numa})
+		group++
+		for i := 0; i < 2; i++ {
+			addr := TwoSocketL40SGPUs[2*sw+i]
+			down := fmt.Sprintf("0000:%02x:%02x.0", bus-1, i)
+			n.Devices = append(n.Devices,
+				Device{Address: down, Vendor: 0x1000, Device: 0xc030, Class: ClassBridge,
+					Driver: "pcieport", IOMMUGroup: group, NUMANode: numa, Parent: up},
+				Device{Address: addr, Vendor: VendorNVIDIA, Device: DeviceL40S, Class: Class3D,
+					SubsystemVendor: VendorNVIDIA, SubsystemDevice: 0x1851,
+					Driver: "nvidia", IOMMUGroup: group + 1, NUMANode: numa, Parent: down})
+			group += 2
+		}
+	}
+	return n
+}

@@ -374,39 +374,25 @@ func (p *plugin) nodeEvent(ctx context.Context, ev fsnotify.Event) {
 	if len(changed) == 0 {
 		return
 	}
-	resources := map[string]bool{}
-	for _, d := range changed {
-		d.Healthy = !gone
-		resources[d.Resource] = true
-	}
 	if gone {
 		// Bad news with nothing before it: the lists the kubelet sees
 		// change first, and their streams send before the bookkeeping
 		// below (snapshot, metrics, logs) takes the processor.
-		for resource := range resources {
-			p.server(ctx, resource).SetDevices(p.list(resource))
+		for _, d := range changed {
+			p.server(ctx, d.Resource).SetHealth(false, d.ID)
 		}
 		runtime.Gosched()
+	}
+	resources := map[string]bool{}
+	for _, d := range changed {
+		d.Healthy = !gone
+		resources[d.Resource] = true
 	}
 	p.publish(ctx, p.state.Load().mode, resources, !gone && !p.specsHeld)
 	// Logged once the kubelet has the news, not before.
 	for _, d := range changed {
 		p.logHealth(d, !gone, true, gone)
 	}
-}
-
-// list is what the kubelet is to see of resource as p.known says it, less
-// the good news not yet published.
-func (p *plugin) list(resource string) []deviceplugin.Device {
-	published := p.state.Load().devices
-	var l []deviceplugin.Device
-	for id, d := range p.known {
-		if d.Resource == resource {
-			healthy := d.Healthy && published[id] != nil && published[id].Healthy
-			l = append(l, deviceplugin.Device{ID: id, Healthy: healthy, NUMANode: d.NUMA})
-		}
-	}
-	return l
 }
 
 // names reports whether path is one of the device's nodes or a directory

@@ -184,6 +184,39 @@ func (s *Server) SetDevices(devices []Device) {
 	s.changed = make(chan struct{})
 }
 
+// SetHealth sets the health of the devices with the given IDs and leaves
+// the rest of the list as it is; streams get the new list at once when it
+// differs. It is what a health event needs on its way to the kubelet: the
+// devices it names changed, without the whole list built, sorted and
+// compared again as SetDevices does. IDs not in the list are ignored.
+func (s *Server) SetHealth(healthy bool, ids ...string) {
+	health := pluginapi.Unhealthy
+	if healthy {
+		health = pluginapi.Healthy
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var list []*pluginapi.Device // a copy: streams may be sending the old one
+	for _, id := range ids {
+		d := s.index[id]
+		if d == nil || d.Health == health {
+			continue
+		}
+		if list == nil {
+			list = slices.Clone(s.devices)
+		}
+		i, _ := slices.BinarySearchFunc(list, id, func(d *pluginapi.Device, id string) int { return strings.Compare(d.ID, id) })
+		list[i] = &pluginapi.Device{ID: id, Health: health, Topology: d.Topology}
+		s.index[id] = list[i]
+	}
+	if list == nil {
+		return
+	}
+	s.devices = list
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
 func sameDevice(a, b *pluginapi.Device) bool {
 	if a.ID != b.ID || a.Health != b.Health || (a.Topology == nil) != (b.Topology == nil) {
 		return false

@@ -128,11 +128,36 @@ func TestRegisterListAndWatchAllocate(t *testing.T) {
 		t.Fatalf("second list %v", second.Devices)
 	}
 
+	// SetHealth changes the devices it names, and only those; the same
+	// health again sends nothing.
+	for _, step := range []struct {
+		healthy bool
+		ids     []string
+		want    [2]string // health of 0000:17:00.0, 0000:65:00.0
+	}{
+		{true, []string{"0000:65:00.0", "0000:99:00.0"}, [2]string{pluginapi.Healthy, pluginapi.Healthy}},
+		{false, []string{"0000:17:00.0"}, [2]string{pluginapi.Unhealthy, pluginapi.Healthy}},
+		{true, []string{"0000:17:00.0"}, [2]string{pluginapi.Healthy, pluginapi.Healthy}},
+	} {
+		s.SetHealth(step.healthy, step.ids...)
+		s.SetHealth(step.healthy, step.ids...)
+		l, err := stream.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(l.Devices) != 2 || l.Devices[0].ID != "0000:17:00.0" || l.Devices[0].Health != step.want[0] ||
+			l.Devices[1].Health != step.want[1] || l.Devices[1].Topology.Nodes[0].ID != 0 {
+			t.Fatalf("after SetHealth(%v, %v): %v; want 0000:17:00.0 %s, 0000:65:00.0 %s on NUMA node 0",
+				step.healthy, step.ids, l.Devices, step.want[0], step.want[1])
+		}
+	}
+
 	resp, err := c.Allocate(context.Background(), &pluginapi.AllocateRequest{ContainerRequests: []*pluginapi.ContainerAllocateRequest{
 		{DevicesIds: []string{"0000:17:00.0"}}}})
 	if err != nil || resp.ContainerResponses[0].Envs["IDS"] != "0000:17:00.0" {
 		t.Fatalf("allocate: %v %v", resp, err)
 	}
+	s.SetHealth(false, "0000:65:00.0")
 	for id, code := range map[string]codes.Code{"0000:65:00.0": codes.FailedPrecondition, "0000:99:00.0": codes.NotFound} {
 		_, err := c.Allocate(context.Background(), &pluginapi.AllocateRequest{ContainerRequests: []*pluginapi.ContainerAllocateRequest{
 			{DevicesIds: []string{id}}}})

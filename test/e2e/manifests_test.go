@@ -193,7 +193,8 @@ func TestManifests(t *testing.T) {
 			}
 		}
 		for _, e := range c.Env {
-			if e.Name != "POD_NAMESPACE" && !strings.Contains(help.stdout, "$"+e.Name+"]") {
+			// --help lists a flag's variables as [$NAME] or [$NAME, $OTHER].
+			if e.Name != "POD_NAMESPACE" && !strings.Contains(help.stdout, "$"+e.Name+"]") && !strings.Contains(help.stdout, "$"+e.Name+",") {
 				t.Errorf("%s: variable %s is not in %s --help", agent, e.Name, agent)
 			}
 		}
@@ -208,6 +209,20 @@ func TestManifests(t *testing.T) {
 				t.Errorf("%s: mount %s has no volume", agent, vm.Name)
 			}
 			mounts = append(mounts, vm.MountPath)
+		}
+		// The kubelet mounts the termination message file, by default
+		// /dev/termination-log, into the container: under a host /dev
+		// mounted read-only the container cannot start, under a writable
+		// one the file lands in the host's /dev (issue 18: the first real
+		// kubelet that ran the plugin's DaemonSet refused it).
+		msg := c.TerminationMessagePath
+		if msg == "" {
+			msg = corev1.TerminationMessagePathDefault
+		}
+		for _, mp := range mounts {
+			if msg == mp || strings.HasPrefix(msg, mp+"/") {
+				t.Errorf("%s: the termination message file %s is under the mount %s", agent, msg, mp)
+			}
 		}
 		for _, e := range c.Env {
 			if !strings.HasPrefix(e.Value, "/") {

@@ -168,6 +168,8 @@ func Program(t T, name string) string {
 type Containerd struct {
 	Config string
 	Socket string
+	binary string
+	env    []string // added to the test's environment
 	mu     sync.Mutex
 	cmd    *exec.Cmd
 	exited chan struct{} // closed when cmd has been waited for
@@ -203,7 +205,15 @@ state = "%[1]s/state"
 
 func StartContainerd(t T, config, socket string) *Containerd {
 	t.Helper()
-	c := &Containerd{Config: config, Socket: socket}
+	return StartContainerdBinary(t, Program(t, "containerd"), nil, config, socket)
+}
+
+// StartContainerdBinary is StartContainerd for another containerd binary (a
+// release hack/fetch-containerd.sh built), with env added to the test's
+// environment (a PATH that finds the release's shim first).
+func StartContainerdBinary(t T, binary string, env []string, config, socket string) *Containerd {
+	t.Helper()
+	c := &Containerd{Config: config, Socket: socket, binary: binary, env: env}
 	c.start(t)
 	t.Cleanup(func() {
 		c.mu.Lock()
@@ -240,7 +250,10 @@ func StartContainerd(t T, config, socket string) *Containerd {
 // start runs containerd; the goroutine that waits for it starts it again
 // when it exits, unless the test is over.
 func (c *Containerd) start(t T) {
-	cmd := exec.Command(Program(t, "containerd"), "--config", c.Config)
+	cmd := exec.Command(c.binary, "--config", c.Config)
+	if c.env != nil {
+		cmd.Env = append(os.Environ(), c.env...)
+	}
 	cmd.Stdout, cmd.Stderr = &c.log, &c.log
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -15,6 +15,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/gpu-sandbox/gpu-sandbox/internal/cli"
+	"github.com/gpu-sandbox/gpu-sandbox/internal/kubeapi"
 	"github.com/gpu-sandbox/gpu-sandbox/internal/vfiomanager"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
 )
@@ -26,8 +27,9 @@ Commands:
   unbind --all | --device-id BDF[,BDF...]  give the devices this tool bound back to the driver they had;
                                            a device a process holds (a running VM) is refused, naming it
   status [--json]                          list the devices bind --all would touch, and who holds them
-  run                                      bind --all, mark ready, keep reconciling; stopping leaves
-                                           every binding in place (bindings are node state)
+  run                                      bind the GPUs the policy gives VMs (all by default), mark ready,
+                                           keep following the policy; stopping leaves every binding in
+                                           place (bindings are node state)
   ready                                    exit 0 once run has marked itself ready in this boot (probes)`
 
 func main() {
@@ -49,6 +51,12 @@ func run() error {
 	fs.StringVar(&cfg.ReadyFile, "ready-file", "", "run: file written once every device is bound (default: <state-dir>/ready)")
 	fs.StringVar(&cfg.HealthAddress, "health-address", "", "run: address for /healthz, /readyz and /metrics, e.g. :8083 (empty: none)")
 	fs.DurationVar(&cfg.ReconcileInterval, "reconcile-interval", vfiomanager.DefaultReconcileInterval, "run: how often the node is looked at again once all is bound")
+	fs.StringVar(&cfg.VMGPUs, "vm-gpus", "all", "run, status: the GPUs for VMs when neither the node nor --vm-gpus-file says: all, none, a count, or gpu<N>, PCI addresses, numa<N> and models, comma separated")
+	fs.StringVar(&cfg.VMGPUsFile, "vm-gpus-file", "", "run, status: a file holding the GPUs for VMs, as --vm-gpus; watched; a missing file says nothing")
+	fs.BoolVar(&cfg.NodePolicy, "node-policy", false, "run, status: read the GPUs for VMs off the node ("+vfiomanager.PolicyKey+" annotation or label, "+vfiomanager.WorkloadConfigLabel+"), watch it, and post events and count labels to it; needs --node-name and a service account that may get, watch and patch nodes and create events")
+	fs.StringVar(&cfg.NodeName, "node-name", "", "the node this agent runs on (the downward API's spec.nodeName)")
+	fs.StringVar(&cfg.ServiceAccountDir, "service-account-dir", kubeapi.ServiceAccountDir, "where the pod's service account is mounted")
+	fs.DurationVar(&cfg.PolicySettle, "policy-settle", vfiomanager.DefaultPolicySettle, "run: how long a changed policy must hold still before it is applied")
 	fs.BoolVar(&cfg.Force, "force", false, "unbind: also take devices a process holds open, which pulls them out of a running VM (the kernel asks the VMM to let go and waits), and devices vfio-manager did not bind, which are left without a driver")
 	fs.StringVar(&cfg.Select, "select", vfio.DefaultSelect, "vendor[:device] hex ids to handle, comma separated; 10de means NVIDIA GPUs")
 	fs.BoolVar(&cfg.BindNVSwitches, "bind-nvswitches", false, "also bind NVIDIA NVSwitches")
@@ -63,7 +71,8 @@ func run() error {
 		"all": "ALL", "device-id": "DEVICE_ID", "host-root": "HOST_ROOT", "sysfs-root": "SYSFS_ROOT",
 		"dev-root": "DEV_ROOT", "state-dir": "STATE_DIR", "ready-file": "READY_FILE", "select": "VFIO_SELECT",
 		"proc-root": "PROC_ROOT", "health-address": "HEALTH_ADDRESS", "reconcile-interval": "RECONCILE_INTERVAL",
-		"force":           "FORCE",
+		"force": "FORCE", "vm-gpus": "VM_GPUS", "vm-gpus-file": "VM_GPUS_FILE", "node-policy": "NODE_POLICY",
+		"node-name": "NODE_NAME", "service-account-dir": "SERVICE_ACCOUNT_DIR", "policy-settle": "POLICY_SETTLE",
 		"bind-nvswitches": "BIND_NVSWITCHES", "unbind-nvswitches": "UNBIND_NVSWITCHES", "timeout": "VFIO_TIMEOUT", "dry-run": "DRY_RUN",
 		"load-modules": "LOAD_MODULES", "pci-ids": "PCI_IDS", "json": "JSON", "log-format": "LOG_FORMAT",
 		"log-level": "LOG_LEVEL",

@@ -15,9 +15,11 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/gpu-sandbox/gpu-sandbox/internal/cli"
+	"github.com/gpu-sandbox/gpu-sandbox/internal/kubeapi"
 	"github.com/gpu-sandbox/gpu-sandbox/internal/modprobe"
 	"github.com/gpu-sandbox/gpu-sandbox/internal/readiness"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio/policy"
 )
 
 // Defaults of the agent.
@@ -26,6 +28,10 @@ const (
 	DefaultReadyFile = "/run/nvidia/vfio-manager/ready"
 	// DefaultReconcileInterval is how often "run" looks again for devices to bind.
 	DefaultReconcileInterval = 5 * time.Minute
+
+	// DefaultPolicySettle is how long a changed policy must hold still
+	// before run applies it.
+	DefaultPolicySettle = 10 * time.Second
 
 	// maxRetry bounds the backoff of groups that failed to bind.
 	maxRetry = 5 * time.Minute
@@ -48,6 +54,19 @@ type Config struct {
 	Force         bool   // unbind devices in use, and devices without a record
 	// ReconcileInterval is how often run looks again once all is bound.
 	ReconcileInterval time.Duration
+	// VMGPUs is the policy when neither the Node nor the file says one:
+	// "all" by default (docs/vfio-manager.md, "Mixed nodes").
+	VMGPUs string
+	// VMGPUsFile holds a policy; a missing file says nothing.
+	VMGPUsFile string
+	// NodePolicy reads the policy off the Node named NodeName, through the
+	// API server with the service account in ServiceAccountDir.
+	NodePolicy        bool
+	NodeName          string
+	ServiceAccountDir string
+	// PolicySettle is how long a changed policy must hold still before run
+	// applies it.
+	PolicySettle time.Duration
 	Select            string
 	BindNVSwitches    bool
 	Timeout           time.Duration
@@ -88,6 +107,15 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.Command == "run" && cfg.ReconcileInterval <= 0 {
 		return cli.Usagef("--reconcile-interval %s: must be positive", cfg.ReconcileInterval)
 	}
+	if cfg.VMGPUs == "" {
+		cfg.VMGPUs = "all"
+	}
+	if _, err := policy.Parse(cfg.VMGPUs); err != nil {
+		return cli.Usagef("--vm-gpus: %v", err)
+	}
+	if cfg.PolicySettle < 0 {
+		return cli.Usagef("--policy-settle %s: must not be negative", cfg.PolicySettle)
+	}
 	opts := []vfio.Option{
 		vfio.WithSysfsRoot(cfg.SysfsRoot),
 		vfio.WithDevRoot(cfg.DevRoot),
@@ -100,7 +128,20 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.LoadModules {
 		opts = append(opts, vfio.WithModuleLoader(modprobe.New(cfg.HostRoot)))
 	}
-	a := &agent{cfg: cfg, log: cfg.Log, m: vfio.NewManager(opts...), sel: sel}
+	a := &agent{cfg: cfg, log: cfg.Log, m: vfio.NewManager(opts...), sel: sel, names: vfio.NewNames(cfg.PCIIDs)}
+	if cfg.NodePolicy && (cfg.Command == "run" || cfg.Command == "status") {
+		if cfg.NodeName == "" {
+			return cli.Usagef("--node-policy needs the node's name: --node-name or NODE_NAME (the downward API's spec.nodeName)")
+		}
+		api, err := kubeapi.InCluster(cfg.ServiceAccountDir)
+		if err != nil {
+			return fmt.Errorf("--node-policy: %w", err)
+		}
+		a.node = &nodeSource{api: api, name: cfg.NodeName}
+		if cfg.Command == "run" {
+			a.reporter = &nodeReporter{api: api, node: a.node}
+		}
+	}
 
 	if cfg.Command == "run" {
 		return a.run(ctx)
@@ -120,26 +161,45 @@ func Run(ctx context.Context, cfg Config) error {
 	case "unbind":
 		return a.unbind(plan)
 	}
-	return a.status(plan)
+	return a.status(ctx, plan)
 }
 
 type agent struct {
-	cfg Config
-	log *logrus.Logger
-	m   *vfio.Manager
-	sel vfio.Selector
+	cfg   Config
+	log   *logrus.Logger
+	m     *vfio.Manager
+	sel   vfio.Selector
+	names *vfio.Names
+
+	node     *nodeSource   // with --node-policy
+	reporter *nodeReporter // run with --node-policy
+	noticed  map[string]string
 }
 
-func (a *agent) plan(addresses []string) (*vfio.Plan, error) {
+// model is the name part of a GPU's resource, as the device plugin gives it.
+func (a *agent) model(d *vfio.Device) string {
+	return vfio.ModelName(a.names.Name(d.Vendor, d.Device))
+}
+
+// devices reads the node's PCI functions; one that cannot be read is
+// skipped with a warning rather than stopping the others.
+func (a *agent) devices() ([]*vfio.Device, error) {
 	devices, err := a.m.Sysfs().Devices()
 	if devices == nil && err != nil {
 		return nil, err
 	}
-	if err != nil {
-		// One unreadable device must not stop the others.
-		for _, e := range unjoin(err) {
+	for _, e := range unjoin(err) {
+		if e != nil {
 			a.log.WithError(e).Warn("skipping a PCI device that cannot be read")
 		}
+	}
+	return devices, nil
+}
+
+func (a *agent) plan(addresses []string) (*vfio.Plan, error) {
+	devices, err := a.devices()
+	if err != nil {
+		return nil, err
 	}
 	plan, err := vfio.NewPlan(devices, a.sel, addresses)
 	if err != nil {
@@ -186,6 +246,9 @@ func (a *agent) report(op string, res *vfio.Result) {
 			"device": o.Address, "group": o.Group, "role": o.Role, "from": o.From, "to": o.To,
 		})
 		switch {
+		case (o.Action == vfio.ActionRefused || o.Action == vfio.ActionLeft) && a.cfg.Command == "run":
+			// run says it once as a notice, and tries again.
+			entry.WithError(o.Err).Debugf("%s: %s", op, o.Action)
 		case o.Err != nil:
 			entry.WithError(o.Err).Errorf("%s: %s", op, o.Action)
 		case o.Warning != "":
@@ -196,7 +259,7 @@ func (a *agent) report(op string, res *vfio.Result) {
 			entry.Infof("%s: %s", op, o.Action)
 		}
 	}
-	if a.cfg.Command == "run" && res.Count(vfio.ActionUnchanged) == len(res.Outcomes) {
+	if a.cfg.Command == "run" && res.Count(vfio.ActionBound)+res.Count(vfio.ActionUnbound)+res.Count(vfio.ActionFailed) == 0 {
 		return // run looks again every few minutes; say so only when something changed
 	}
 	fmt.Fprintf(a.cfg.Out, "%s: %s\n", op, summary(res))
@@ -236,13 +299,42 @@ type statusEntry struct {
 	VFIODevice string `json:"vfioDevice"`
 	// InUseBy names the processes holding the device's group open.
 	InUseBy []string `json:"inUseBy,omitempty"`
+	// For says whose a GPU is by the policy: "vm" or "host"; absent for
+	// other roles, and when the policy cannot be read.
+	For string `json:"for,omitempty"`
+	// Pending says what run still has to do to follow the policy: "bind",
+	// "give back", or "give back once no process holds it".
+	Pending string `json:"pending,omitempty"`
 }
 
-func (a *agent) status(plan *vfio.Plan) error {
-	names := vfio.NewNames(a.cfg.PCIIDs)
+func (a *agent) status(ctx context.Context, plan *vfio.Plan) error {
+	names := a.names
 	held, err := a.m.Holders(plan)
 	if err != nil {
 		a.log.WithError(err).Warn("cannot tell which devices are in use")
+	}
+	// What the policy says, as run would apply it now.
+	src := &sources{flag: a.cfg.VMGPUs, file: a.cfg.VMGPUsFile, node: a.node}
+	if a.node != nil {
+		_ = a.node.read(ctx) // an error is the policy's
+	}
+	d := src.current()
+	forVM := map[string]bool{}
+	var choice policy.Choice
+	if d.err == nil {
+		heldAddr := map[string]bool{}
+		var devices []*vfio.Device
+		for _, m := range plan.Members() {
+			heldAddr[m.Address] = len(held[m.IOMMUGroup]) > 0
+			devices = append(devices, m.Device)
+		}
+		if all, err := a.devices(); err == nil {
+			devices = all // NVSwitches count for the reason even when not selected
+		}
+		choice = policy.Choose(d.policy, policy.Gather(devices, a.sel, a.model, heldAddr))
+		for _, addr := range choice.VM {
+			forVM[addr] = true
+		}
 	}
 	entries := []statusEntry{}
 	for _, m := range plan.Members() {
@@ -262,6 +354,20 @@ func (a *agent) status(plan *vfio.Plan) error {
 		for _, h := range held[m.IOMMUGroup] {
 			e.InUseBy = append(e.InUseBy, fmt.Sprintf("%d (%s)", h.PID, h.Command))
 		}
+		if d.err == nil && m.Role == vfio.RoleGPU {
+			e.For = "host"
+			if forVM[m.Address] {
+				e.For = "vm"
+			}
+			switch {
+			case e.For == "vm" && !m.BoundToVFIO():
+				e.Pending = "bind"
+			case e.For == "host" && m.BoundToVFIO() && len(e.InUseBy) > 0:
+				e.Pending = "give back once no process holds it"
+			case e.For == "host" && m.BoundToVFIO():
+				e.Pending = "give back"
+			}
+		}
 		entries = append(entries, e)
 	}
 	if a.cfg.JSON {
@@ -270,10 +376,23 @@ func (a *agent) status(plan *vfio.Plan) error {
 		return enc.Encode(entries)
 	}
 	w := tabwriter.NewWriter(a.cfg.Out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(w, "ADDRESS\tIDS\tROLE\tGROUP\tNUMA\tDRIVER\tVFIO\tIN USE BY\tNAME")
+	if d.err != nil {
+		fmt.Fprintf(w, "policy: %v\n\n", d.err)
+	} else {
+		fmt.Fprintf(w, "policy: %s, from %s: %s\n", d.policy, d.source, choice.Reason)
+		for _, u := range choice.Unmatched {
+			fmt.Fprintf(w, "warning: names no GPU: %s\n", u)
+		}
+		for _, warning := range choice.Warnings {
+			fmt.Fprintf(w, "warning: %s\n", warning)
+		}
+		fmt.Fprintln(w)
+	}
+	fmt.Fprintln(w, "ADDRESS\tIDS\tROLE\tGROUP\tNUMA\tDRIVER\tVFIO\tIN USE BY\tFOR\tPENDING\tNAME")
 	for _, e := range entries {
-		fmt.Fprintf(w, "%s\t%s:%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\n", e.Address, e.Vendor, e.Device, e.Role,
-			e.IOMMUGroup, e.NUMANode, orDash(e.Driver), orDash(e.VFIODevice), orDash(strings.Join(e.InUseBy, ",")), e.Name)
+		fmt.Fprintf(w, "%s\t%s:%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Address, e.Vendor, e.Device, e.Role,
+			e.IOMMUGroup, e.NUMANode, orDash(e.Driver), orDash(e.VFIODevice), orDash(strings.Join(e.InUseBy, ",")),
+			orDash(e.For), orDash(e.Pending), e.Name)
 	}
 	for _, g := range plan.Groups {
 		if g.Err != nil {

@@ -59,6 +59,8 @@ type statusEntry struct {
 	NUMANode   int      `json:"numaNode"`
 	VFIODevice string   `json:"vfioDevice"`
 	InUseBy    []string `json:"inUseBy"`
+	For        string   `json:"for"`
+	Pending    string   `json:"pending"`
 }
 
 func (n *node) status(t *testing.T, env ...string) []statusEntry {
@@ -84,6 +86,10 @@ func TestVFIOManagerBindStatusUnbindHGX(t *testing.T) {
 	}
 	want := statusEntry{Address: "0000:05:00.0", Vendor: "10de", Device: "22a3", Class: "0x068000",
 		Name: "GH100 [H100 NVSwitch]", Role: "nvswitch", Driver: "nvidia", IOMMUGroup: 40, NUMANode: 0}
+	// The default policy gives VMs every GPU: each waits to be bound.
+	if e := entries[4]; e.For != "vm" || e.Pending != "bind" {
+		t.Errorf("before bind, by the default policy: %+v", e)
+	}
 	if !reflect.DeepEqual(entries[0], want) {
 		t.Errorf("first entry %+v\nwant %+v", entries[0], want)
 	}

@@ -79,12 +79,12 @@ type Choice struct {
 
 // Choose applies the policy to the node.
 //
-// A count takes, where it can, whole NUMA nodes, so that a VM's GPUs share
-// the memory and the PCIe root they are near; where no set of whole NUMA
-// nodes has that many GPUs, it fills NUMA nodes in turn, whole PCIe switches
-// first. Among equally good choices it keeps the GPUs VMs hold, then those
-// already bound, so that a changed count moves as few GPUs as it can, and it
-// never leaves out a held GPU while a free one is chosen.
+// A count moves as few GPUs as it can (a node that already has that many
+// bound keeps them), never leaves out a GPU a VM holds while it takes a free
+// one, and within that takes whole NUMA nodes where some set of them has
+// that many GPUs, so that a VM's GPUs share the memory and the PCIe root
+// they are near; else it fills NUMA nodes in turn, whole PCIe switches
+// first.
 func Choose(p Policy, n Node) Choice {
 	all := make([]string, len(n.GPUs))
 	for i, g := range n.GPUs {
@@ -157,26 +157,54 @@ func unmatched(it Item, n Node) string {
 }
 
 // chooseCount picks k GPUs, 0 < k < len(n.GPUs).
+//
+// It moves as few GPUs as it can: with k or more bound it chooses among the
+// bound ones, with fewer it keeps them all and adds to them. Within that,
+// held GPUs are always kept (up to k), then whole NUMA nodes are preferred,
+// then whole PCIe switches. So a node that already follows a count is left
+// alone even when a VM that pinned its choice has gone.
 func chooseCount(k int, n Node) Choice {
 	var c Choice
-	// Held GPUs come first: they cannot go back until their VM lets go.
-	var held []GPU
+	var held, bound []GPU
 	for _, g := range n.GPUs {
 		if g.Held {
 			held = append(held, g)
+		}
+		if g.Bound || g.Held {
+			bound = append(bound, g)
 		}
 	}
 	if len(held) > k {
 		c.Warnings = append(c.Warnings, fmt.Sprintf("%d GPUs are held by VMs and the policy asks for %d: the others go back when their VMs let go", len(held), k))
 	}
+	must, may := map[string]bool{}, map[string]bool{}
+	for _, g := range held[:min(len(held), k)] {
+		must[g.Address] = true
+	}
+	for _, g := range n.GPUs {
+		may[g.Address] = len(bound) < k || g.Bound || g.Held
+		if len(bound) <= k && (g.Bound || g.Held) {
+			must[g.Address] = true
+		}
+	}
+	kept := ""
+	switch {
+	case len(bound) == k:
+		kept = fmt.Sprintf("; the %d GPUs already bound, as a count moves no GPU it need not", k)
+	case len(bound) > k:
+		kept = fmt.Sprintf("; %d of the %d GPUs already bound", k, len(bound))
+	case len(bound) > 0:
+		kept = fmt.Sprintf("; the %d GPUs already bound and %d more", len(bound), k-len(bound))
+	}
 
 	numas := numaNodes(n.GPUs)
-	if set, ok := wholeNUMA(k, numas, n.GPUs); ok {
+	if set, ok := wholeNUMA(k, numas, n.GPUs, must, may); ok {
 		c.VM = addresses(n.GPUs, set)
 		c.Reason = fmt.Sprintf("%d of %d GPUs: NUMA node %s whole", k, len(n.GPUs), joinInts(set))
 	} else {
-		c.VM, c.Reason = fill(k, numas, n.GPUs)
+		c.VM, c.Reason = fill(k, numas, n.GPUs, must, may)
 	}
+	c.Reason += kept
 	if n.NVSwitches > 0 {
 		c.Reason += fmt.Sprintf("; the %d NVSwitches join all %d GPUs in one NVLink fabric, which a count below %d splits: VMs get no NVLink between their GPUs unless the host's fabric manager partitions it",
 			n.NVSwitches, len(n.GPUs), len(n.GPUs))
@@ -194,16 +222,13 @@ func numaNodes(gpus []GPU) []int {
 	return slices.Compact(ids)
 }
 
-// wholeNUMA finds the best set of whole NUMA nodes with k GPUs that keeps
-// every held GPU (or, with more held than k, holds only held GPUs): most
-// held, then most bound, then the lowest node numbers.
-func wholeNUMA(k int, numas []int, gpus []GPU) ([]int, bool) {
+// wholeNUMA finds the set of whole NUMA nodes, lowest numbers first, whose
+// GPUs number k, include every GPU in must and only GPUs in may.
+func wholeNUMA(k int, numas []int, gpus []GPU, must, may map[string]bool) ([]int, bool) {
 	if len(numas) > 16 {
 		return nil, false
 	}
-	type score struct{ held, bound int }
 	var best []int
-	var bestScore score
 	for mask := 1; mask < 1<<len(numas); mask++ {
 		var set []int
 		for i, id := range numas {
@@ -211,54 +236,37 @@ func wholeNUMA(k int, numas []int, gpus []GPU) ([]int, bool) {
 				set = append(set, id)
 			}
 		}
-		var size int
-		var s score
+		size, ok := 0, true
 		for _, g := range gpus {
-			if slices.Contains(set, g.NUMANode) {
+			in := slices.Contains(set, g.NUMANode)
+			if in {
 				size++
-				s.held += btoi(g.Held)
-				s.bound += btoi(g.Bound)
+			}
+			if in && !may[g.Address] || !in && must[g.Address] {
+				ok = false
 			}
 		}
-		if size != k {
-			continue
-		}
-		better := best == nil || s.held > bestScore.held ||
-			s.held == bestScore.held && (s.bound > bestScore.bound || s.bound == bestScore.bound && slices.Compare(set, best) < 0)
-		if better {
-			best, bestScore = set, s
+		if ok && size == k && (best == nil || slices.Compare(set, best) < 0) {
+			best = set
 		}
 	}
-	if best == nil {
-		return nil, false
-	}
-	// A held GPU left out while another set would do is not the best set;
-	// one left out because no set of whole nodes keeps it means whole nodes
-	// are not possible without taking a VM's GPU away.
-	totalHeld := 0
-	for _, g := range gpus {
-		totalHeld += btoi(g.Held)
-	}
-	if bestScore.held < min(totalHeld, k) {
-		return nil, false
-	}
-	return best, true
+	return best, best != nil
 }
 
-// fill takes k GPUs NUMA node by NUMA node: held GPUs first, then nodes
-// by what they hold and how many GPUs they have, whole PCIe switches first
-// within a node.
-func fill(k int, numas []int, gpus []GPU) ([]string, string) {
+// fill takes the GPUs in must, then more from may NUMA node by NUMA node
+// (nodes with held, then bound GPUs first, then larger ones), whole PCIe
+// switches first within a node, until it has k.
+func fill(k int, numas []int, gpus []GPU, must, may map[string]bool) ([]string, string) {
 	chosen := map[string]bool{}
 	count := 0
 	take := func(g GPU) {
-		if count < k && !chosen[g.Address] {
+		if count < k && !chosen[g.Address] && may[g.Address] {
 			chosen[g.Address] = true
 			count++
 		}
 	}
 	for _, g := range gpus {
-		if g.Held {
+		if must[g.Address] {
 			take(g)
 		}
 	}
@@ -282,7 +290,7 @@ func fill(k int, numas []int, gpus []GPU) ([]string, string) {
 	for _, in := range infos {
 		var node []GPU
 		for _, g := range gpus {
-			if g.NUMANode == in.id {
+			if g.NUMANode == in.id && may[g.Address] {
 				node = append(node, g)
 			}
 		}
@@ -299,12 +307,15 @@ func fill(k int, numas []int, gpus []GPU) ([]string, string) {
 				take(g)
 			}
 		}
-		taken := 0
-		for _, g := range node {
-			taken += btoi(chosen[g.Address])
+		taken, size := 0, 0
+		for _, g := range gpus {
+			if g.NUMANode == in.id {
+				size++
+				taken += btoi(chosen[g.Address])
+			}
 		}
 		switch {
-		case taken == len(node):
+		case taken == size:
 			whole = append(whole, in.id)
 		case taken > 0:
 			partial = append(partial, in.id)

@@ -157,6 +157,22 @@ func TestChooseCountMovesFewGPUs(t *testing.T) {
 	if want := gpus(vfiotest.HGXH100GPUs, 0, 1, 4, 5, 6, 7); !slices.Equal(c.VM, want) {
 		t.Errorf("chose %v, want %v: %s", c.VM, want, c.Reason)
 	}
+	// Every GPU bound (a node the operator's "all" left) and a count of 4:
+	// topology decides among them.
+	for i := range n.GPUs {
+		n.GPUs[i].Bound = true
+	}
+	if c := choose(t, "4", n); !slices.Equal(c.VM, gpus(vfiotest.HGXH100GPUs, 0, 1, 2, 3)) || !strings.Contains(c.Reason, "4 of the 8 GPUs already bound") {
+		t.Errorf("from all to 4: %v: %s", c.VM, c.Reason)
+	}
+	// The VM that pinned GPUs 1 and 6 has gone: the node follows the count
+	// already, and nothing moves to make NUMA node 0 whole.
+	for i := range n.GPUs {
+		n.GPUs[i].Bound = i == 0 || i == 1 || i == 2 || i == 6
+	}
+	if c := choose(t, "4", n); !slices.Equal(c.VM, gpus(vfiotest.HGXH100GPUs, 0, 1, 2, 6)) || !strings.Contains(c.Reason, "moves no GPU it need not") {
+		t.Errorf("after the VM: %v: %s", c.VM, c.Reason)
+	}
 	// Two bound on node 0 and a count of 2: those two.
 	for i := range n.GPUs {
 		n.GPUs[i].Bound = i == 2 || i == 3

@@ -172,15 +172,15 @@ func (r *nodeReporter) event(ctx context.Context, warning bool, reason, message 
 		"involvedObject": map[string]any{
 			"apiVersion": "v1", "kind": "Node", "name": name, "uid": r.node.uid(),
 		},
-		"reason":              reason,
-		"message":             message,
-		"type":                typ,
-		"source":              map[string]any{"component": "vfio-manager", "host": name},
-		"reportingComponent":  "gpu-sandbox.io/vfio-manager",
-		"reportingInstance":   name,
-		"firstTimestamp":      now,
-		"lastTimestamp":       now,
-		"count":               1,
+		"reason":             reason,
+		"message":            message,
+		"type":               typ,
+		"source":             map[string]any{"component": "vfio-manager", "host": name},
+		"reportingComponent": "gpu-sandbox.io/vfio-manager",
+		"reportingInstance":  name,
+		"firstTimestamp":     now,
+		"lastTimestamp":      now,
+		"count":              1,
 	}
 	if err := r.api.Create(ctx, "/api/v1/namespaces/default/events", ev); err != nil {
 		return fmt.Errorf("post event %s on node %s: %w", reason, name, err)

@@ -66,13 +66,13 @@ type Config struct {
 	ServiceAccountDir string
 	// PolicySettle is how long a changed policy must hold still before run
 	// applies it.
-	PolicySettle time.Duration
-	Select            string
-	BindNVSwitches    bool
-	Timeout           time.Duration
-	DryRun            bool
-	LoadModules       bool
-	PCIIDs            string // pci.ids file; "" for the system's or the built-in one
+	PolicySettle   time.Duration
+	Select         string
+	BindNVSwitches bool
+	Timeout        time.Duration
+	DryRun         bool
+	LoadModules    bool
+	PCIIDs         string // pci.ids file; "" for the system's or the built-in one
 
 	Out io.Writer // results; logs go to Log
 	Log *logrus.Logger

@@ -2,10 +2,9 @@
 // few requests they make (read a Secret, read and watch their Node, label
 // it, post an Event), as JSON over HTTPS with the pod's service account.
 //
-// It is not client-go on purpose: the agents need five calls, and client-go
-// with its typed clients and the API types would triple vfio-manager's
-// binary and add to every node's memory what it keeps for informers
-// (docs/decisions.md, "Talking to the API server").
+// It is not client-go on purpose: the agents need five calls, and a program
+// making just the Node and Event calls with client-go is 26.6 MB, where all
+// of vfio-manager is 9.4 MB (docs/decisions.md, "Mixed nodes").
 package kubeapi
 
 import (

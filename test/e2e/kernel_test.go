@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -41,6 +42,8 @@ var qemuDevices = []string{
 type guest struct {
 	console string
 	steps   map[string]step
+	booted  time.Duration // guest clock when /init started: the kernel's boot
+	wall    time.Duration // QEMU start to exit
 }
 
 type step struct {
@@ -48,16 +51,42 @@ type step struct {
 	out string
 }
 
-var stepRE = regexp.MustCompile(`(?s)=== BEGIN (\S+)\r?\n(.*?)=== END (\S+) rc=(\d+)`)
+var (
+	stepRE   = regexp.MustCompile(`(?s)=== BEGIN (\S+)\r?\n(.*?)=== END (\S+) rc=(\d+)`)
+	bootedRE = regexp.MustCompile(`=== BOOTED ([0-9.]+)`)
+)
 
-// bootGuest builds an initramfs with busybox, the kernel's vfio modules, the
-// project's static binaries and script, boots it under QEMU (TCG), and
-// returns what each step printed. It fails, never skips, when QEMU or the
-// kernel cannot be had.
+// vmSpec describes one boot of the test kernel.
+type vmSpec struct {
+	script string
+	// bins are copied into the guest's /bin: name → host path. nil: the
+	// binaries of the run's binDir the kernel tests use.
+	bins map[string]string
+	// files are copied into the guest: guest path → host path.
+	files map[string]string
+	// memMiB is the guest's memory; 0: 512.
+	memMiB int
+	// timeout bounds the whole boot; 0: 90 s.
+	timeout time.Duration
+}
+
+// bootGuest boots the test kernel with the kernel tests' binaries and runs
+// script.
 func bootGuest(t *testing.T, script string) *guest {
 	t.Helper()
+	return bootVM(t, vmSpec{script: script})
+}
+
+// bootVM builds an initramfs with busybox, the kernel's vfio modules, the
+// binaries and files, and the script, boots it under QEMU (TCG: KVM is not
+// usable on these machines) and returns what each step printed. The kernel
+// is the uncompressed vmlinux, booted through QEMU's PVH entry: the
+// bzImage's decompressor is most of a TCG boot. It fails, never skips,
+// when QEMU or the kernel cannot be had.
+func bootVM(t *testing.T, spec vmSpec) *guest {
+	t.Helper()
 	kernel := filepath.Join(repoRoot(), ".cache", "kernel", "current")
-	if _, err := os.Stat(filepath.Join(kernel, "ready")); err != nil {
+	if _, err := os.Stat(filepath.Join(kernel, "vmlinux")); err != nil {
 		t.Fatal("the test kernel is missing: run hack/fetch-kernel.sh (make test does)")
 	}
 	qemu := testbed.Program(t, "qemu-system-x86_64")
@@ -72,12 +101,26 @@ func bootGuest(t *testing.T, script string) *guest {
 	for _, m := range modules {
 		copyFile(t, m, filepath.Join(root, "modules", filepath.Base(m)), 0o644)
 	}
-	for _, b := range []string{"vfio-manager", "discover", "vfiouser"} {
-		copyFile(t, filepath.Join(binDir, b), filepath.Join(root, "bin", b), 0o755)
+	bins := spec.bins
+	if bins == nil {
+		bins = map[string]string{}
+		for _, b := range []string{"vfio-manager", "discover", "vfiouser"} {
+			bins[b] = filepath.Join(binDir, b)
+		}
+	}
+	for name, from := range bins {
+		copyFile(t, from, filepath.Join(root, "bin", name), 0o755)
+	}
+	for to, from := range spec.files {
+		if err := os.MkdirAll(filepath.Join(root, filepath.Dir(to)), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		copyFile(t, from, filepath.Join(root, to), 0o755)
 	}
 	init := `#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+echo "=== BOOTED $(cut -d' ' -f1 /proc/uptime)"
 for m in irqbypass vfio vfio_iommu_type1 vfio_virqfd vfio-pci-core vfio-pci pci-stub; do
   insmod /modules/$m.ko || echo "insmod $m failed"
 done
@@ -94,42 +137,68 @@ devices() {
   done
 }
 vm() { vfio-manager --sysfs-root /sys --dev-root /dev --host-root / --state-dir /run/vfio-manager --load-modules=false --log-level warn --timeout 5s "$@"; }
-` + script + `
+` + spec.script + `
 poweroff -f
 `
 	if err := os.WriteFile(filepath.Join(root, "init"), []byte(init), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	initrd := filepath.Join(t.TempDir(), "initrd.gz")
-	pack := exec.Command("sh", "-c", `find . | "$0" cpio -o -H newc 2>/dev/null | gzip -1 > "$1"`, busybox, initrd)
-	pack.Dir = root
-	if out, err := pack.CombinedOutput(); err != nil {
-		t.Fatalf("pack initramfs: %v\n%s", err, out)
-	}
+	initrd := packInitramfs(t, root)
 
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	timeout, mem := spec.timeout, spec.memMiB
+	if timeout == 0 {
+		timeout = 90 * time.Second
+	}
+	if mem == 0 {
+		mem = 512
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	args := append([]string{"-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "1",
+	// loglevel=3: kernel errors the tests provoke (DMAR faults) go to the
+	// kernel log, not into the middle of a step's output on the console.
+	args := append([]string{"-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", strconv.Itoa(mem), "-smp", "1",
 		"-nic", "none", "-vga", "none", "-nographic", "-no-reboot",
-		"-kernel", filepath.Join(kernel, "vmlinuz"), "-initrd", initrd,
-		"-append", "console=ttyS0 intel_iommu=on panic=-1 quiet"}, qemuDevices...)
+		"-kernel", filepath.Join(kernel, "vmlinux"), "-initrd", initrd,
+		"-append", "console=ttyS0 intel_iommu=on panic=-1 quiet loglevel=3"}, qemuDevices...)
+	// QEMU's own messages (its VT-d's reports of the faults the tests
+	// provoke) stay out of the console the steps are read from.
+	var console, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, qemu, args...)
+	cmd.Stdout, cmd.Stderr = &console, &stderr
 	start := time.Now()
-	out, err := exec.CommandContext(ctx, qemu, args...).CombinedOutput()
-	g := &guest{console: string(out), steps: map[string]step{}}
+	err := cmd.Run()
+	g := &guest{console: console.String(), steps: map[string]step{}, wall: time.Since(start)}
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("guest console:\n%s", g.console)
+			t.Logf("guest console:\n%s\nQEMU's messages:\n%s", g.console, stderr.String())
 		}
 	})
 	if err != nil {
 		t.Fatalf("qemu: %v", err)
 	}
-	t.Logf("boot to result: %s", time.Since(start).Round(10*time.Millisecond))
+	if m := bootedRE.FindStringSubmatch(g.console); m != nil {
+		secs, _ := strconv.ParseFloat(m[1], 64)
+		g.booted = time.Duration(secs * float64(time.Second))
+	}
+	t.Logf("kernel boot %s (guest clock), QEMU start to exit %s", g.booted.Round(10*time.Millisecond), g.wall.Round(10*time.Millisecond))
 	for _, m := range stepRE.FindAllStringSubmatch(g.console, -1) {
 		rc, _ := strconv.Atoi(m[4])
 		g.steps[m[1]] = step{rc: rc, out: strings.ReplaceAll(m[2], "\r", "")}
 	}
 	return g
+}
+
+// packInitramfs packs the tree at root as a gzipped newc cpio archive.
+func packInitramfs(t *testing.T, root string) string {
+	t.Helper()
+	initrd := filepath.Join(t.TempDir(), "initrd.gz")
+	pack := exec.Command("sh", "-c", `find . | "$0" cpio -o -H newc 2>/dev/null | gzip -1 > "$1"`,
+		testbed.Program(t, "busybox"), initrd)
+	pack.Dir = root
+	if out, err := pack.CombinedOutput(); err != nil {
+		t.Fatalf("pack initramfs: %v\n%s", err, out)
+	}
+	return initrd
 }
 
 func copyFile(t *testing.T, from, to string, mode os.FileMode) {

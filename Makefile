@@ -12,7 +12,7 @@ GOFLAGS_BIN := -trimpath -ldflags '$(LDFLAGS)'
 # Every package of both modules of the workspace.
 PACKAGES    := ./... ./test/e2e/...
 
-.PHONY: all build test unit e2e e2e-kernel e2e-cluster fuzz bench lint demo images images-local clean help
+.PHONY: all build test unit e2e e2e-kernel e2e-vm e2e-cluster fuzz bench lint demo images images-local clean help
 
 all: build
 
@@ -42,6 +42,10 @@ e2e: ## run the end-to-end tests only
 e2e-kernel: ## run vfio-manager and discovery against a real kernel under QEMU
 	hack/install-test-deps.sh
 	$(GO) test -count=1 -run 'TestRealKernel' -v ./test/e2e/
+
+e2e-vm: ## run the data path in a TCG guest: Allocate's and the CDI spec's device nodes driven by a VFIO user (in make test)
+	hack/install-test-deps.sh
+	$(GO) test -count=1 -run '^TestVMDataPath$$' -v ./test/e2e/
 
 e2e-cluster: images-local ## run the manifests, images and agents on a real single-node Kubernetes (root; first run builds it, ~10 min)
 	hack/install-test-deps.sh

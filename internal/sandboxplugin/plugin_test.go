@@ -197,9 +197,20 @@ func TestAdvertisesHGX(t *testing.T) {
 		t.Errorf("preferred %v; want the four GPUs of NUMA node 1", got)
 	}
 
+	// Stopping (a rollout) keeps the CDI specs for the names handed out;
+	// Uninstall removes them, and only them.
 	stop()
-	if entries, _ := os.ReadDir(n.cfg.CDIRoot); len(entries) != 0 {
-		t.Errorf("CDI specs left after stop: %v", entries)
+	specs, _ := os.ReadDir(n.cfg.CDIRoot)
+	if len(specs) != 3 {
+		t.Errorf("CDI specs after stop: %v; want the three kept", specs)
+	}
+	toolkit := filepath.Join(n.cfg.CDIRoot, "nvidia.com-gpu.yaml")
+	os.WriteFile(toolkit, []byte("cdiVersion: 0.5.0\nkind: nvidia.com/gpu\ndevices:\n- name: \"0\"\n  containerEdits:\n    deviceNodes:\n    - path: /dev/nvidia0\n"), 0o644)
+	if err := sandboxplugin.Uninstall(n.cfg); err != nil {
+		t.Fatal(err)
+	}
+	if entries, _ := os.ReadDir(n.cfg.CDIRoot); len(entries) != 1 || entries[0].Name() != "nvidia.com-gpu.yaml" {
+		t.Errorf("after Uninstall: %v; want only the container toolkit's spec", entries)
 	}
 	for _, r := range n.kubelet.Registrations() {
 		if _, err := os.Stat(filepath.Join(n.cfg.PluginDir, r.Endpoint)); err == nil {

@@ -13,7 +13,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"runtime"
 	"runtime/debug"
 	"slices"
 	"strings"
@@ -39,6 +38,9 @@ const (
 	DefaultRescanInterval = 30 * time.Second
 
 	settleDelay = 50 * time.Millisecond
+	// bookkeepDelay is how long the bookkeeping of a node gone waits for
+	// the news to reach the kubelet.
+	bookkeepDelay = 2 * time.Millisecond
 	// specsHoldMax bounds how long the first CDI specs wait for the
 	// kubelet to take every resource.
 	specsHoldMax = time.Second
@@ -117,7 +119,9 @@ type plugin struct {
 	registered chan struct{} // a resource registered; never blocks the sender
 
 	// Owned by the run loop.
-	specsHeld bool // no CDI spec written yet: good news held back
+	specsHeld bool      // no CDI spec written yet: good news held back
+	gone      []*device // nodes gone, bookkeeping not yet done
+	bookkeep  *time.Timer
 	known     map[string]*device
 	written   map[string]bool // CDI kinds on disk
 	lastErr   string
@@ -191,8 +195,12 @@ func (p *plugin) run(ctx context.Context) error {
 	p.scanned.Store(true)
 	hold := time.NewTimer(specsHoldMax)
 	defer hold.Stop()
+	p.bookkeep = time.NewTimer(time.Hour)
+	p.bookkeep.Stop()
+	defer p.bookkeep.Stop()
 	release := func() {
 		if p.specsHeld {
+			p.settleGone(srvCtx)
 			p.specsHeld = false
 			p.publish(srvCtx, p.state.Load().mode, nil, true)
 			// Start-up is over. What it parsed and built (PCI names,
@@ -253,6 +261,8 @@ func (p *plugin) run(ctx context.Context) error {
 			}
 		case <-hold.C:
 			release()
+		case <-p.bookkeep.C:
+			p.settleGone(srvCtx)
 		}
 	}
 }
@@ -285,20 +295,21 @@ func under(path, dir string) bool {
 	return strings.HasPrefix(path, dir) && (len(path) == len(dir) || path[len(dir)] == '/')
 }
 
-// shutdown stops every plugin (removing their sockets) and the CDI specs.
+// shutdown stops every plugin, removing their sockets.
+//
+// The CDI specs stay: containers being created, and Kata VMs being cold
+// plugged, resolve the names Allocate handed out until the next plugin
+// takes over (and rewrites the same bytes). "sandbox-device-plugin
+// uninstall" removes them.
 func (p *plugin) shutdown(cancelServers context.CancelFunc) {
 	cancelServers()
 	p.wg.Wait()
-	for kind := range p.written {
-		if err := p.cdi.Remove(kind); err != nil {
-			p.log.WithError(err).Warn("remove CDI spec")
-		}
-	}
-	p.log.Info("stopped; sockets and CDI specs removed")
+	p.log.Info("stopped; sockets removed, CDI specs kept for the next plugin")
 }
 
 // scan reads sysfs, updates every resource's device list and the CDI specs.
 func (p *plugin) scan(ctx context.Context) {
+	p.settleGone(ctx)
 	devices, err := p.sysfs.Devices()
 	if msg := fmt.Sprint(err); err != nil && msg != p.lastErr {
 		// One unreadable device is skipped; say so once, not on every scan.
@@ -376,13 +387,19 @@ func (p *plugin) nodeEvent(ctx context.Context, ev fsnotify.Event) {
 	}
 	if gone {
 		// Bad news with nothing before it: the lists the kubelet sees
-		// change first, and their streams send before the bookkeeping
-		// below (snapshot, metrics, logs) takes the processor.
+		// change first. The bookkeeping (the snapshot Allocate reads,
+		// metrics, logs) waits a moment: done now, it would take the
+		// processor from the stream sending the news and from the kubelet
+		// reading it. The servers refuse the devices already.
 		for _, d := range changed {
 			p.server(ctx, d.Resource).SetHealth(false, d.ID)
+			d.Healthy = false
 		}
-		runtime.Gosched()
+		p.gone = append(p.gone, changed...)
+		p.bookkeep.Reset(bookkeepDelay)
+		return
 	}
+	p.settleGone(ctx)
 	resources := map[string]bool{}
 	for _, d := range changed {
 		d.Healthy = !gone
@@ -393,6 +410,24 @@ func (p *plugin) nodeEvent(ctx context.Context, ev fsnotify.Event) {
 	for _, d := range changed {
 		p.logHealth(d, !gone, true, gone)
 	}
+}
+
+// settleGone does the bookkeeping that nodeEvent left for devices whose node
+// went: the snapshot, metrics and logs. Every other publish does it first,
+// so that it starts from what the kubelet was told.
+func (p *plugin) settleGone(ctx context.Context) {
+	if len(p.gone) == 0 {
+		return
+	}
+	resources := map[string]bool{}
+	for _, d := range p.gone {
+		resources[d.Resource] = true
+	}
+	p.publish(ctx, p.state.Load().mode, resources, false)
+	for _, d := range p.gone {
+		p.logHealth(d, false, true, true)
+	}
+	p.gone = nil
 }
 
 // names reports whether path is one of the device's nodes or a directory

@@ -217,7 +217,11 @@ func (a *agent) reconcile(ctx context.Context, d declared) (r reconciled) {
 			heldAddr[m.Address] = len(held[g.ID]) > 0
 		}
 	}
-	choice := policy.Choose(d.policy, policy.Gather(devices, a.sel, a.model, heldAddr))
+	gpus := policy.Gather(devices, a.sel, a.model, heldAddr)
+	choice := policy.Choose(d.policy, gpus)
+	// Every GPU for VMs (all, a count or a list that names them all): the
+	// NVSwitches come along, as with bind --all.
+	everyGPU := len(choice.VM) == len(gpus.GPUs)
 	for _, u := range choice.Unmatched {
 		a.notice(ctx, true, "VFIOPolicyUnmatched", fmt.Sprintf("%s names no GPU of this node: %s; the rest applies", d.source, u))
 	}
@@ -233,7 +237,7 @@ func (a *agent) reconcile(ctx context.Context, d declared) (r reconciled) {
 
 	// Bind what is chosen.
 	plan := all
-	if d.policy.Kind != policy.All {
+	if !everyGPU {
 		if plan, err = vfio.NewPlan(devices, a.sel, choice.VM); err != nil {
 			r.err = err
 			return r
@@ -265,14 +269,14 @@ func (a *agent) reconcile(ctx context.Context, d declared) (r reconciled) {
 		a.notice(ctx, true, "VFIOHostDriverBusy", fmt.Sprintf("not bound, in use through the host driver: %s", rootCauses(res, vfio.ActionRefused)))
 	}
 
-	// Give back what is no longer chosen, NVSwitches when not every GPU is.
+	// Give back what is no longer chosen, and NVSwitches unless every GPU is.
 	want := map[string]bool{}
 	for _, addr := range choice.VM {
 		want[addr] = true
 	}
 	var back []string
 	for _, m := range all.Members() {
-		if m.BoundToVFIO() && (m.Role == vfio.RoleGPU && !want[m.Address] || m.Role == vfio.RoleNVSwitch && d.policy.Kind != policy.All) {
+		if m.BoundToVFIO() && (m.Role == vfio.RoleGPU && !want[m.Address] || m.Role == vfio.RoleNVSwitch && !everyGPU) {
 			back = append(back, m.Address)
 		}
 	}

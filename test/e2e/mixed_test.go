@@ -156,7 +156,7 @@ func TestVFIOManagerMixedNodeFollowsPolicy(t *testing.T) {
 			t.Errorf("a held GPU was written to: %v", w)
 		}
 	}
-	waitLog(t, out, "keeps the GPUs VMs hold", "VFIOGivenBack", gpu[3])
+	waitLog(t, out, "whole NUMA nodes would move GPUs that VMs hold", "VFIOGivenBack", gpu[3])
 
 	// NUMA node 0 only: GPU 3 comes back to VMs, GPU 6 must go but is held.
 	n.set(t, "numa0")

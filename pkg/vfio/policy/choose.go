@@ -336,11 +336,11 @@ func fill(k int, numas []int, gpus []GPU, must, may map[string]bool) ([]string, 
 		slices.Sort(partial)
 		parts = append(parts, "part of NUMA node "+joinInts(partial))
 	}
-	reason := fmt.Sprintf("%d of %d GPUs: %s (no set of whole NUMA nodes has %d GPUs", k, len(gpus), strings.Join(parts, " and "), k)
-	if slices.ContainsFunc(gpus, func(g GPU) bool { return g.Held }) {
-		reason += " and keeps the GPUs VMs hold"
+	why := fmt.Sprintf("no set of whole NUMA nodes has %d GPUs", k)
+	if _, ok := wholeNUMA(k, numas, gpus, map[string]bool{}, allOf(gpus)); ok {
+		why = "whole NUMA nodes would move GPUs that VMs hold or that need not move"
 	}
-	reason += "; GPUs behind one PCIe switch kept together)"
+	reason := fmt.Sprintf("%d of %d GPUs: %s (%s; GPUs behind one PCIe switch kept together)", k, len(gpus), strings.Join(parts, " and "), why)
 	return out, reason
 }
 
@@ -379,6 +379,14 @@ func switchUnits(gpus []GPU) [][]GPU {
 		return cmp.Or(hb-ha, bb-ba, len(b)-len(a), strings.Compare(a[0].Address, b[0].Address))
 	})
 	return units
+}
+
+func allOf(gpus []GPU) map[string]bool {
+	all := map[string]bool{}
+	for _, g := range gpus {
+		all[g.Address] = true
+	}
+	return all
 }
 
 func addresses(gpus []GPU, numas []int) []string {

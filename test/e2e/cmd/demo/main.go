@@ -243,7 +243,49 @@ func (d *demo) run() error {
 		say("cdi     %s", cd.Name)
 	}
 
+	step("A mixed node: the policy goes from 8 GPUs for VMs to 4 while a VM holds two")
+	policyFile := filepath.Join(d.work, "vm-gpus")
+	if err := os.WriteFile(policyFile, []byte("8\n"), 0o644); err != nil {
+		return err
+	}
+	ready := filepath.Join(d.work, "vfio-state", "ready")
+	runArgs := append(slices.Clone(vm), "--vm-gpus-file", policyFile, "--proc-root", d.tree.ProcRoot,
+		"--policy-settle", "200ms", "--ready-file", ready)
+	mgr, mgrLog, err := d.startAgent("vfio-manager", append([]string{"run"}, runArgs...)...)
+	if err != nil {
+		return err
+	}
+	if err := waitFile(ready, 10*time.Second); err != nil {
+		return fmt.Errorf("vfio-manager run: %w\n%s", err, mgrLog)
+	}
+	say("vfio-manager run follows %s (8: every GPU, as bound)", policyFile)
+	qemu, err := d.holdGroups(21, 26)
+	if err != nil {
+		return err
+	}
+	say("a VM (pid %d) holds /dev/vfio/21 and /dev/vfio/26: GPUs 0000:2a:00.0 and 0000:ba:00.0", qemu.Process.Pid)
+	say("$ echo 4 > %s", policyFile)
+	if err := os.WriteFile(policyFile, []byte("4\n"), 0o644); err != nil {
+		return err
+	}
+	if err := waitLog(mgrLog, "given back to the host", 10*time.Second); err != nil {
+		return fmt.Errorf("vfio-manager run: %w\n%s", err, mgrLog)
+	}
+	for _, line := range strings.Split(mgrLog.String(), "\n") {
+		if strings.Contains(line, "reason=VFIOPolicy ") && strings.Contains(line, "4 of 8") ||
+			strings.Contains(line, "reason=VFIOGivenBack") {
+			say("%s", logMsg(line))
+		}
+	}
+	if err := d.show("vfio-manager", append([]string{"status"}, runArgs...)...); err != nil {
+		return err
+	}
+	kubelet.WaitForDevices(gpuResource, healthy(4))
+	say("the device plugin follows: %s: 4 (the held GPUs among them); nvidia keeps the other 4", gpuResource)
+
 	step("A rollout stops the agents: bindings, runtime classes and CDI specs stay (node state)")
+	testbed.Stop(mgr)
+	say("vfio-manager stopped: %s", lastLine(mgrLog))
 	testbed.Stop(plugin)
 	say("sandbox-device-plugin stopped: %s", lastLine(pluginLog))
 	testbed.Stop(km)
@@ -263,6 +305,9 @@ func (d *demo) run() error {
 	say("containerd configuration given back byte for byte: %v", bytes.Equal(after, original))
 	left, _ := os.ReadDir(cdiRoot)
 	say("CDI specs left: %d", len(left))
+	qemu.Process.Kill()
+	qemu.Wait()
+	say("the VM has ended")
 	if err := unbind(); err != nil {
 		return err
 	}
@@ -288,6 +333,25 @@ func (d *demo) show(name string, args ...string) error {
 		say("  %s", line)
 	}
 	return err
+}
+
+// holdGroups starts a process that holds the groups' /dev/vfio nodes open,
+// as QEMU does for a Kata VM, visible in the simulated node's proc root.
+func (d *demo) holdGroups(groups ...int) (*exec.Cmd, error) {
+	cmd := exec.Command("sleep", "600")
+	for _, g := range groups {
+		f, err := os.Open(d.tree.GroupNode(g))
+		if err != nil {
+			return nil, err
+		}
+		defer f.Close() // the child has its own copy
+		cmd.ExtraFiles = append(cmd.ExtraFiles, f)
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	d.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return cmd, d.tree.AddProcess(cmd.Process.Pid)
 }
 
 // startAgent starts a daemon agent, collecting its log.

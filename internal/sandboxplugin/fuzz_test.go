@@ -5,11 +5,14 @@ import (
 	"strings"
 	"testing"
 
+	"tags.cncf.io/container-device-interface/pkg/parser"
+
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
 )
 
 // The rule as regular expressions, as ModelName and ValidResourceName had
 // it before they were written out by hand: they must agree on every input.
+// refValidName is Kubernetes' rule for the name part of a resource.
 var (
 	refSpaces      = regexp.MustCompile(`\s+`)
 	refNameInvalid = regexp.MustCompile(`[^A-Za-z0-9_.]+`)
@@ -31,24 +34,43 @@ func refModelName(pciName string) string {
 	return n
 }
 
-// Whatever name pci.ids has for a device, the resource name made of it is
-// empty (the device id is used then) or valid, and at most 63 characters;
-// and it is what the regular expressions of the rule give.
+// Whatever name pci.ids has for a device: the model name made of it is what
+// the regular expressions of the rule give, empty or a valid Kubernetes
+// name; the resource made of it is a valid resource name and the CDI kind
+// Kata will ask for, as the CDI library parses it; and ValidResourceName
+// is exactly both rules.
 func FuzzModelName(f *testing.F) {
 	for _, s := range []string{"GA102GL [A10]", "GH100 [H100 SXM5 80GB]", "  ", "[]", "é/ü.x", "A--B__C..", "0",
-		"A \u00e9 B", "a\vb", "x\xffy", "ſ ı K"} {
-		f.Add(s)
+		"A \u00e9 B", "a\vb", "x\xffy", "ſ ı K", "3D controller", "A", "x-"} {
+		f.Add(s, uint16(0x3ffe), false)
 	}
-	f.Fuzz(func(t *testing.T, s string) {
+	f.Add("GH100 [H100 NVSwitch]", uint16(0x22a3), true)
+	f.Fuzz(func(t *testing.T, s string, device uint16, nvswitch bool) {
 		n := vfio.ModelName(s)
-		if n != "" && (!ValidResourceName(n) || len(n) > 63) {
+		if n != "" && !refValidName.MatchString(n) {
 			t.Fatalf("vfio.ModelName(%q) = %q: not a valid resource name", s, n)
 		}
 		if ref := refModelName(s); n != ref {
 			t.Fatalf("vfio.ModelName(%q) = %q; the rule's regular expressions give %q", s, n, ref)
 		}
-		if got, ref := ValidResourceName(s), refValidName.MatchString(s); got != ref {
-			t.Fatalf("ValidResourceName(%q) = %v; the rule's regular expression says %v", s, got, ref)
+		role := vfio.RoleGPU
+		if nvswitch {
+			role = vfio.RoleNVSwitch
+		}
+		r := resourceName(s, device, role)
+		if !refValidName.MatchString(r) {
+			t.Fatalf("resource nvidia.com/%s (pci.ids %q): not a valid resource name", r, s)
+		}
+		kind := ResourceVendor + "/" + r
+		if vendor, class, name, err := parser.ParseQualifiedName(kind + "=0000:65:00.0"); err != nil || vendor+"/"+class != kind || name != "0000:65:00.0" {
+			t.Fatalf("resource %s (pci.ids %q): Kata's %s=0000:65:00.0 parses as %s/%s=%s, %v", kind, s, kind, vendor, class, name, err)
+		}
+		if r != n && ValidResourceName(n) {
+			t.Fatalf("resource %s for pci.ids %q: the model name %q was valid", kind, s, n)
+		}
+		want := refValidName.MatchString(s) && parser.ValidateClassName(s) == nil
+		if got := ValidResourceName(s); got != want {
+			t.Fatalf("ValidResourceName(%q) = %v; Kubernetes' and CDI's rules say %v", s, got, want)
 		}
 	})
 }

@@ -14,11 +14,14 @@ func isAlnum(r rune) bool {
 	return 'A' <= r && r <= 'Z' || 'a' <= r && r <= 'z' || '0' <= r && r <= '9'
 }
 
-// ValidResourceName reports whether name may follow "nvidia.com/": at most
-// 63 letters, digits, '-', '_' and '.', starting and ending with a letter
-// or digit.
+// ValidResourceName reports whether name may follow "nvidia.com/" both as
+// an extended resource name and as a CDI class: the resource name is the
+// CDI kind of its devices (Kata's cold plug asks the CDI cache for
+// <resource>=<device ID>), so it must be both. That is at most 63
+// letters, digits, '-', '_' and '.', starting with a letter and ending with
+// a letter or digit: Kubernetes also allows a leading digit, CDI does not.
 func ValidResourceName(name string) bool {
-	if name == "" || len(name) > 63 || !isAlnum(rune(name[0])) || !isAlnum(rune(name[len(name)-1])) {
+	if name == "" || len(name) > 63 || !isLetter(rune(name[0])) || !isAlnum(rune(name[len(name)-1])) {
 		return false
 	}
 	for _, r := range name {
@@ -28,6 +31,8 @@ func ValidResourceName(name string) bool {
 	}
 	return true
 }
+
+func isLetter(r rune) bool { return 'A' <= r && r <= 'Z' || 'a' <= r && r <= 'z' }
 
 // namer gives each passthrough device its resource.
 type namer struct {
@@ -60,13 +65,27 @@ func (n *namer) resource(p *vfio.Passthrough) string {
 		if n.names == nil {
 			n.names = vfio.NewNames(n.pciIDs)
 		}
-		name = vfio.ModelName(n.names.Name(id[0], id[1]))
-		if name == "" {
-			name = fmt.Sprintf("%04x", id[1])
-		}
+		name = resourceName(n.names.Name(id[0], id[1]), id[1], p.Role)
 		n.models[id] = name
 	}
 	return ResourceVendor + "/" + name
+}
+
+// resourceName is the name part of a device's resource, and so of its CDI
+// kind: the model as pci.ids names it (vfio.ModelName), or, when pci.ids
+// does not know the device or its name makes no valid kind (it starts with
+// a digit), "pgpu-" (an NVSwitch: "nvswitch-") and the device id:
+// nvidia.com/pgpu-3ffe. kubevirt-gpu-device-plugin advertises such a GPU as
+// nvidia.com/3ffe, which no CDI kind can be.
+func resourceName(pciName string, device uint16, role vfio.Role) string {
+	if name := vfio.ModelName(pciName); ValidResourceName(name) {
+		return name
+	}
+	prefix := "pgpu-"
+	if role == vfio.RoleNVSwitch {
+		prefix = "nvswitch-"
+	}
+	return fmt.Sprintf("%s%04x", prefix, device)
 }
 
 // forget drops the parsed database; a model not yet named parses it again.

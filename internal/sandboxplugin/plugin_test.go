@@ -499,3 +499,53 @@ func TestNodeEventChangesOnlyItsDevice(t *testing.T) {
 		t.Fatalf("after the rescan, unhealthy %v; want none", got)
 	}
 }
+
+// Kata's cold plug takes what the kubelet assigned, a resource and device
+// IDs, and asks the CDI cache for <resource>=<ID>. That resolves for every
+// device of every resource, on known boards and on a GPU pci.ids has not
+// heard of (new boards arrive before the database): the resource name is
+// the CDI kind.
+func TestKataColdPlugNames(t *testing.T) {
+	unknown := vfiotest.BoundToVFIO(vfiotest.A10WithAudio())
+	unknown.Devices[0].Device = 0x3ffe
+	for name, tc := range map[string]struct {
+		node vfiotest.Node
+		want []string
+	}{
+		"HGX":         {vfiotest.BoundToVFIO(vfiotest.HGXH100()), []string{h100, nvswitch}},
+		"L40S":        {vfiotest.BoundToVFIO(vfiotest.TwoSocketL40S()), []string{"nvidia.com/AD102GL_L40S"}},
+		"unknown GPU": {unknown, []string{"nvidia.com/pgpu-3ffe"}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			n := newNode(t, tc.node, true)
+			n.run(t)
+			plugins := n.kubelet.WaitFor("every device healthy", func(m map[string]*deviceplugintest.Plugin) bool {
+				for _, r := range tc.want {
+					if m[r] == nil || len(m[r].Devices()) == 0 || count(m[r].Devices(), pluginapi.Healthy) != len(m[r].Devices()) {
+						return false
+					}
+				}
+				return len(m) == len(tc.want)
+			})
+			cache, err := cdiapi.NewCache(cdiapi.WithSpecDirs(n.cfg.CDIRoot), cdiapi.WithAutoRefresh(false))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for resource, p := range plugins {
+				for _, d := range p.Devices() {
+					name := resource + "=" + d.ID
+					if cache.GetDevice(name) == nil {
+						t.Errorf("Kata asks for %s: not in the CDI specs (%v)", name, cache.GetErrors())
+					}
+					resp, err := allocate(t, p, d.ID)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if len(resp.CdiDevices) != 1 || resp.CdiDevices[0].Name != name {
+						t.Errorf("Allocate(%s) names %v; want %s", d.ID, resp.CdiDevices, name)
+					}
+				}
+			}
+		})
+	}
+}

@@ -80,8 +80,7 @@ func Run(ctx context.Context, cfg Config) error {
 // device is what the agent knows of one advertised device.
 type device struct {
 	ID       string
-	Resource string
-	Kind     string // CDI kind
+	Resource string // also the CDI kind: Allocate names Resource=ID
 	NUMA     int
 	Path     string   // sysfs path of the primary function: PCIe position
 	Nodes    []string // device nodes in the current mode
@@ -141,7 +140,7 @@ func newPlugin(cfg Config) (*plugin, error) {
 	}
 	for flag, alias := range map[string]string{"P_GPU_ALIAS": cfg.GPUAlias, "NVSWITCH_ALIAS": cfg.NVSwitchAlias} {
 		if alias != "" && !ValidResourceName(alias) {
-			return nil, cli.Usagef("%s %q: not a valid resource name (letters, digits, '-', '_', '.'; at most 63)", flag, alias)
+			return nil, cli.Usagef("%s %q: not a valid resource name and CDI class (at most 63 letters, digits, '-', '_' and '.', starting with a letter)", flag, alias)
 		}
 	}
 	if cfg.PollInterval <= 0 || cfg.RescanInterval <= 0 {
@@ -326,12 +325,6 @@ func (p *plugin) scan(ctx context.Context) {
 			d = &device{ID: pt.ID, Resource: p.namer.resource(pt)}
 			p.log.WithFields(logrus.Fields{"device": pt.ID, "resource": d.Resource, "group": pt.IOMMUGroup,
 				"numa": pt.NUMANode()}).Info("device found")
-			kind, err := cdi.KindFor(d.Resource)
-			if err != nil {
-				p.log.WithError(err).WithField("device", pt.ID).Error("no CDI kind for the resource; device not advertised")
-				continue
-			}
-			d.Kind = kind
 			p.known[pt.ID] = d
 		}
 		present[pt.ID] = true
@@ -590,8 +583,8 @@ func (p *plugin) writeSpecs(snap *snapshot) {
 	for _, d := range snap.devices {
 		if d.passthru != nil && d.passthru.Ready() {
 			all = append(all, d.passthru)
-			if d.Kind != cdi.PassthroughKind {
-				want[d.Kind] = append(want[d.Kind], d.passthru)
+			if d.Resource != cdi.PassthroughKind {
+				want[d.Resource] = append(want[d.Resource], d.passthru)
 			}
 		}
 	}
@@ -704,7 +697,7 @@ func (a *allocator) Allocate(_ context.Context, ids []string) (*pluginapi.Contai
 		for _, n := range d.Nodes {
 			resp.Devices = append(resp.Devices, &pluginapi.DeviceSpec{ContainerPath: n, HostPath: n, Permissions: "mrw"})
 		}
-		resp.CdiDevices = append(resp.CdiDevices, &pluginapi.CDIDevice{Name: cdi.QualifiedName(d.Kind, id)})
+		resp.CdiDevices = append(resp.CdiDevices, &pluginapi.CDIDevice{Name: cdi.QualifiedName(d.Resource, id)})
 	}
 	common := vfio.CommonDevicePath(snap.mode)
 	resp.Devices = append(resp.Devices, &pluginapi.DeviceSpec{ContainerPath: common, HostPath: common, Permissions: "mrw"})

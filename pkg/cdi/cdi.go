@@ -47,24 +47,6 @@ type SpecOptions struct {
 	ByIndex bool
 }
 
-// KindFor returns the CDI kind of a device-plugin resource name: the
-// resource itself (nvidia.com/GA102GL_A10) when it is a valid kind, else the
-// name prefixed so that it starts with a letter (nvidia.com/2330 gives
-// nvidia.com/pgpu-2330).
-func KindFor(resource string) (string, error) {
-	vendor, class := parser.ParseQualifier(resource)
-	if vendor == "" {
-		return "", fmt.Errorf("resource %q: not vendor/name", resource)
-	}
-	if parser.ValidateClassName(class) != nil {
-		class = "pgpu-" + class
-	}
-	if err := parser.ValidateClassName(class); err != nil {
-		return "", fmt.Errorf("resource %q: no CDI class fits: %w", resource, err)
-	}
-	return vendor + "/" + class, nil
-}
-
 // QualifiedName is the CDI name of a device: kind=name.
 func QualifiedName(kind, name string) string { return kind + "=" + name }
 

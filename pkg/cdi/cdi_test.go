@@ -181,20 +181,4 @@ func TestWriterRefusesInvalidSpec(t *testing.T) {
 	}
 }
 
-func TestKindFor(t *testing.T) {
-	for in, want := range map[string]string{
-		"nvidia.com/GA102GL_A10":          "nvidia.com/GA102GL_A10",
-		"nvidia.com/GH100_H100_SXM5_80GB": "nvidia.com/GH100_H100_SXM5_80GB",
-		"nvidia.com/pgpu":                 "nvidia.com/pgpu",
-		"nvidia.com/2330":                 "nvidia.com/pgpu-2330", // unknown ids start with a digit
-	} {
-		if got, err := cdi.KindFor(in); got != want || err != nil {
-			t.Errorf("KindFor(%q) = %q, %v; want %q", in, got, err, want)
-		}
-	}
-	if _, err := cdi.KindFor("pgpu"); err == nil {
-		t.Error("a resource without vendor was accepted")
-	}
-}
-
 func itoa(i int) string { return string(rune('0'+i/10)) + string(rune('0'+i%10)) }

@@ -33,6 +33,10 @@ func TestPreferred(t *testing.T) {
 		{"more than a node spills over", all, nil, 5, []string{"a0", "a1", "b0", "b1", "c0"}},
 		{"only what is available", []string{"a0", "c0", "c1"}, nil, 2, []string{"c0", "c1"}},
 		{"must-include alone", all, []string{"a1", "c0"}, 2, []string{"a1", "c0"}},
+		{"one switch without must-include", []string{"a0", "b0", "b1"}, nil, 2, []string{"b0", "b1"}},
+		{"the switch that fits tightest", []string{"a0", "a1", "b0", "b1", "c0"}, nil, 1, []string{"c0"}},
+		{"a lone device on a switch fits one", []string{"a0", "a1", "b1"}, nil, 1, []string{"b1"}},
+		{"then the nearest to the chosen", []string{"a0", "b0", "b1", "a1"}, nil, 3, []string{"a0", "a1", "b0"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got := preferred(devices, tc.available, tc.must, tc.size)

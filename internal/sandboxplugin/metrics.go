@@ -25,6 +25,7 @@ import (
 type metrics struct {
 	mu            sync.Mutex
 	devices       map[deviceKey]int
+	shared        map[string]int // resource → devices whose group carries several
 	allocations   map[string]*atomic.Uint64
 	registrations map[string]uint64
 }
@@ -39,7 +40,12 @@ func newMetrics() *metrics {
 // health of every resource so that dashboards see a count go to zero.
 func (m *metrics) update(snap *snapshot) {
 	devices := map[deviceKey]int{}
+	shared := map[string]int{}
 	for _, d := range snap.devices {
+		shared[d.Resource] += 0
+		if d.passthru != nil && d.passthru.Shared() {
+			shared[d.Resource]++
+		}
 		devices[deviceKey{d.Resource, "healthy"}] += 0
 		devices[deviceKey{d.Resource, "unhealthy"}] += 0
 		health := "unhealthy"
@@ -49,7 +55,7 @@ func (m *metrics) update(snap *snapshot) {
 		devices[deviceKey{d.Resource, health}]++
 	}
 	m.mu.Lock()
-	m.devices = devices
+	m.devices, m.shared = devices, shared
 	m.mu.Unlock()
 }
 
@@ -89,6 +95,10 @@ func (m *metrics) write(w io.Writer) {
 	family(w, "gpu_sandbox_devices", "gauge", "Devices advertised, by resource and health.")
 	for _, k := range keys {
 		fmt.Fprintf(w, "gpu_sandbox_devices{health=%s,resource=%s} %d\n", quote(k.health), quote(k.resource), m.devices[k])
+	}
+	family(w, "gpu_sandbox_shared_iommu_groups", "gauge", "Devices whose IOMMU group carries several selected devices (GPUs behind a switch without ACS), by resource: one allocation gives them all.")
+	for _, r := range slices.Sorted(maps.Keys(m.shared)) {
+		fmt.Fprintf(w, "gpu_sandbox_shared_iommu_groups{resource=%s} %d\n", quote(r), m.shared[r])
 	}
 	family(w, "gpu_sandbox_allocations_total", "counter", "Allocate calls answered, by resource.")
 	for _, r := range slices.Sorted(maps.Keys(m.allocations)) {

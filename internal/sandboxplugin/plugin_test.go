@@ -3,6 +3,7 @@ package sandboxplugin_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"net"
 	"net/http"
 	"os"
@@ -547,5 +548,68 @@ func TestKataColdPlugNames(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// GPUs that share an IOMMU group (a switch without ACS) are one device, as
+// VFIO can only give the group whole, and that is made visible: the log at
+// start, the metric, the CDI entry's annotations, and every GPU's address
+// resolving to the group's device.
+func TestSharedGroupsAreOneVisibleDevice(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := lis.Addr().String()
+	lis.Close()
+	n := newNode(t, vfiotest.BoundToVFIO(vfiotest.TwoSocketL40SNoACS()), true)
+	n.cfg.HealthAddress = addr
+	n.run(t)
+	const l40s = "nvidia.com/AD102GL_L40S"
+	p := n.kubelet.WaitForDevices(l40s, func(l []*pluginapi.Device) bool { return count(l, pluginapi.Healthy) == 4 })
+	gpus := vfiotest.TwoSocketL40SGPUs
+	var ids []string
+	for _, d := range p.Devices() {
+		ids = append(ids, d.ID)
+	}
+	slices.Sort(ids)
+	if want := []string{gpus[0], gpus[2], gpus[4], gpus[6]}; !slices.Equal(ids, want) {
+		t.Errorf("devices %v; want one per group, %v", ids, want)
+	}
+	if !strings.Contains(n.logs.String(), "IOMMU group 80 holds 2 devices") || !strings.Contains(n.logs.String(), gpus[0]+","+gpus[1]) {
+		t.Errorf("no log line says group 80 carries %s and %s:\n%s", gpus[0], gpus[1], n.logs)
+	}
+
+	cache, err := cdiapi.NewCache(cdiapi.WithSpecDirs(n.cfg.CDIRoot), cdiapi.WithAutoRefresh(false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, gpu := range gpus {
+		for _, kind := range []string{l40s, "nvidia.com/pgpu"} {
+			d := cache.GetDevice(kind + "=" + gpu)
+			if d == nil {
+				t.Errorf("%s=%s does not resolve (%v)", kind, gpu, cache.GetErrors())
+				continue
+			}
+			group := fmt.Sprintf("/dev/vfio/%d", 80+i/2)
+			if d.ContainerEdits.DeviceNodes[0].Path != group {
+				t.Errorf("%s=%s opens %s, want %s", kind, gpu, d.ContainerEdits.DeviceNodes[0].Path, group)
+			}
+			pair := gpus[i&^1] + "," + gpus[i|1]
+			if d.Annotations["gpu-sandbox.io/iommu-group-device-count"] != "2" || d.Annotations["gpu-sandbox.io/iommu-group-devices"] != pair {
+				t.Errorf("%s=%s annotations %v; want 2 devices, %s", kind, gpu, d.Annotations, pair)
+			}
+		}
+	}
+
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var body bytes.Buffer
+	body.ReadFrom(resp.Body)
+	if !strings.Contains(body.String(), `gpu_sandbox_shared_iommu_groups{resource="`+l40s+`"} 4`) {
+		t.Errorf("metrics do not count 4 shared groups:\n%s", body.String())
 	}
 }

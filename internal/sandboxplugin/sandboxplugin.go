@@ -323,8 +323,18 @@ func (p *plugin) scan(ctx context.Context) {
 		d := p.known[pt.ID]
 		if d == nil {
 			d = &device{ID: pt.ID, Resource: p.namer.resource(pt)}
-			p.log.WithFields(logrus.Fields{"device": pt.ID, "resource": d.Resource, "group": pt.IOMMUGroup,
-				"numa": pt.NUMANode()}).Info("device found")
+			log := p.log.WithFields(logrus.Fields{"device": pt.ID, "resource": d.Resource, "group": pt.IOMMUGroup,
+				"numa": pt.NUMANode()})
+			log.Info("device found")
+			if pt.Shared() {
+				var carried []string
+				for _, f := range pt.Selected {
+					carried = append(carried, f.Address)
+				}
+				log.WithField("carries", strings.Join(carried, ",")).Warnf(
+					"IOMMU group %d holds %d devices (no ACS between them): VFIO gives the group whole, so they are one device of %s, and a pod asking for one gets %d",
+					pt.IOMMUGroup, len(pt.Selected), d.Resource, len(pt.Selected))
+			}
 			p.known[pt.ID] = d
 		}
 		present[pt.ID] = true

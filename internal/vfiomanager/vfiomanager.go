@@ -8,6 +8,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -305,6 +308,10 @@ type statusEntry struct {
 	// Pending says what run still has to do to follow the policy: "bind",
 	// "give back", or "give back once no process holds it".
 	Pending string `json:"pending,omitempty"`
+	// SharedWith lists the other selected devices of the device's IOMMU
+	// group (GPUs behind a switch without ACS): VFIO gives the group to
+	// one VM whole, and the device plugin advertises it as one device.
+	SharedWith []string `json:"sharedWith,omitempty"`
 }
 
 func (a *agent) status(ctx context.Context, plan *vfio.Plan) error {
@@ -337,6 +344,12 @@ func (a *agent) status(ctx context.Context, plan *vfio.Plan) error {
 		}
 	}
 	entries := []statusEntry{}
+	selected := map[int][]string{} // group → its selected devices
+	for _, m := range plan.Members() {
+		if m.Role != vfio.RoleCompanion && m.IOMMUGroup >= 0 {
+			selected[m.IOMMUGroup] = append(selected[m.IOMMUGroup], m.Address)
+		}
+	}
 	for _, m := range plan.Members() {
 		e := statusEntry{
 			Address: m.Address, Vendor: fmt.Sprintf("%04x", m.Vendor), Device: fmt.Sprintf("%04x", m.Device.Device),
@@ -353,6 +366,9 @@ func (a *agent) status(ctx context.Context, plan *vfio.Plan) error {
 		}
 		for _, h := range held[m.IOMMUGroup] {
 			e.InUseBy = append(e.InUseBy, fmt.Sprintf("%d (%s)", h.PID, h.Command))
+		}
+		if sel := selected[m.IOMMUGroup]; len(sel) > 1 && m.Role != vfio.RoleCompanion {
+			e.SharedWith = slices.DeleteFunc(slices.Clone(sel), func(a string) bool { return a == m.Address })
 		}
 		if d.err == nil && m.Role == vfio.RoleGPU {
 			e.For = "host"
@@ -390,9 +406,19 @@ func (a *agent) status(ctx context.Context, plan *vfio.Plan) error {
 	}
 	fmt.Fprintln(w, "ADDRESS\tIDS\tROLE\tGROUP\tNUMA\tDRIVER\tVFIO\tIN USE BY\tFOR\tPENDING\tNAME")
 	for _, e := range entries {
-		fmt.Fprintf(w, "%s\t%s:%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Address, e.Vendor, e.Device, e.Role,
-			e.IOMMUGroup, e.NUMANode, orDash(e.Driver), orDash(e.VFIODevice), orDash(strings.Join(e.InUseBy, ",")),
+		group := strconv.Itoa(e.IOMMUGroup)
+		if len(e.SharedWith) > 0 {
+			group += "*"
+		}
+		fmt.Fprintf(w, "%s\t%s:%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Address, e.Vendor, e.Device, e.Role,
+			group, e.NUMANode, orDash(e.Driver), orDash(e.VFIODevice), orDash(strings.Join(e.InUseBy, ",")),
 			orDash(e.For), orDash(e.Pending), e.Name)
+	}
+	for _, g := range slices.Sorted(maps.Keys(selected)) {
+		if sel := selected[g]; len(sel) > 1 {
+			fmt.Fprintf(w, "\n* group %d carries %d devices (%s): no ACS between them, so VFIO gives them to one VM together, and the device plugin advertises them as one device\n",
+				g, len(sel), strings.Join(sel, ", "))
+		}
 	}
 	for _, g := range plan.Groups {
 		if g.Err != nil {

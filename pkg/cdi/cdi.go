@@ -50,7 +50,11 @@ type SpecOptions struct {
 // QualifiedName is the CDI name of a device: kind=name.
 func QualifiedName(kind, name string) string { return kind + "=" + name }
 
-// NewSpec builds the spec of kind for devices, sorted by ID.
+// NewSpec builds the spec of kind for devices, sorted by ID. Each device is
+// named by its ID (and its index with ByIndex), and by the address of each
+// other function of its group, which VFIO can only give with it. A device
+// whose group carries several selected devices (Shared) is annotated with
+// how many, and which.
 func NewSpec(kind string, devices []*vfio.Passthrough, opts SpecOptions) (*specs.Spec, error) {
 	if len(devices) == 0 {
 		return nil, fmt.Errorf("CDI spec %s: %w", kind, ErrNoDevices)
@@ -79,10 +83,22 @@ func NewSpec(kind string, devices []*vfio.Passthrough, opts SpecOptions) (*specs
 			}
 			edits.DeviceNodes = append(edits.DeviceNodes, node(path, num, err))
 		}
-		if opts.ByIndex {
-			spec.Devices = append(spec.Devices, specs.Device{Name: strconv.Itoa(i), ContainerEdits: edits})
+		var ann map[string]string
+		if p.Shared() {
+			ann = sharedAnnotations(p)
 		}
-		named = append(named, specs.Device{Name: p.ID, ContainerEdits: edits})
+		if opts.ByIndex {
+			spec.Devices = append(spec.Devices, specs.Device{Name: strconv.Itoa(i), Annotations: ann, ContainerEdits: edits})
+		}
+		named = append(named, specs.Device{Name: p.ID, Annotations: ann, ContainerEdits: edits})
+		// Every other function of the group resolves to the group's
+		// device: the address of the second GPU of a shared group, or of
+		// a GPU's audio function, names what VFIO can give.
+		for _, f := range p.Functions {
+			if f.Address != p.ID {
+				named = append(named, specs.Device{Name: f.Address, Annotations: ann, ContainerEdits: edits})
+			}
+		}
 	}
 	spec.Devices = append(spec.Devices, named...)
 
@@ -100,6 +116,24 @@ func NewSpec(kind string, devices []*vfio.Passthrough, opts SpecOptions) (*specs
 	}
 	spec.Version = v
 	return spec, nil
+}
+
+// Annotations of the devices of a shared group (CDI 0.6.0 and later):
+// how many selected devices the group carries, and which.
+const (
+	AnnotationGroupDevices = "gpu-sandbox.io/iommu-group-devices"
+	AnnotationGroupCount   = "gpu-sandbox.io/iommu-group-device-count"
+)
+
+func sharedAnnotations(p *vfio.Passthrough) map[string]string {
+	addrs := make([]string, len(p.Selected))
+	for i, d := range p.Selected {
+		addrs[i] = d.Address
+	}
+	return map[string]string{
+		AnnotationGroupCount:   strconv.Itoa(len(p.Selected)),
+		AnnotationGroupDevices: strings.Join(addrs, ","),
+	}
 }
 
 // node describes a device node; its numbers are left to the runtime when

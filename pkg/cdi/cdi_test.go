@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"testing"
 	"time"
@@ -71,7 +72,9 @@ func TestSpecIOMMUFD(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(spec.Devices) != 1 || spec.Devices[0].Name != "0000:65:00.0" {
+	// The audio function's address names the same device.
+	if len(spec.Devices) != 2 || spec.Devices[0].Name != "0000:65:00.0" || spec.Devices[1].Name != "0000:65:00.1" ||
+		!reflect.DeepEqual(spec.Devices[0].ContainerEdits, spec.Devices[1].ContainerEdits) {
 		t.Fatalf("devices %+v", spec.Devices)
 	}
 	var paths []string

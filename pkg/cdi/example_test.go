@@ -34,5 +34,6 @@ func Example() {
 	// true <nil>
 	// nvidia.com/pgpu=0 /dev/vfio/21
 	// nvidia.com/pgpu=0000:65:00.0 /dev/vfio/21
+	// nvidia.com/pgpu=0000:65:00.1 /dev/vfio/21
 	// common: /dev/vfio/vfio
 }

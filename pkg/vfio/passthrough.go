@@ -20,9 +20,17 @@ type Passthrough struct {
 	Primary *Device
 	// Functions are every endpoint function of the group, Primary included,
 	// sorted by address.
-	Functions  []*Device
+	Functions []*Device
+	// Selected are the functions of the group the selector matched, Primary
+	// first, sorted by address. More than one when GPUs share a group (a
+	// PCIe switch without ACS): VFIO gives a group to one VM whole, so they
+	// are one device that carries them all.
+	Selected   []*Device
 	IOMMUGroup int
 }
+
+// Shared reports whether the group carries several selected devices.
+func (p *Passthrough) Shared() bool { return len(p.Selected) > 1 }
 
 // NUMANode is the primary function's NUMA node, -1 for none.
 func (p *Passthrough) NUMANode() int { return p.Primary.NUMANode }
@@ -40,7 +48,8 @@ func (p *Passthrough) Ready() bool {
 
 // FindPassthrough returns one Passthrough per IOMMU group that holds a
 // device sel matches and a vfio driver holds, sorted by ID. A group with
-// several selected devices is named after the first by address.
+// several selected devices is named after the first by address and lists
+// them all in Selected.
 func FindPassthrough(devices []*Device, sel Selector) []*Passthrough {
 	groups := map[int]*Passthrough{}
 	for _, d := range devices {
@@ -55,6 +64,9 @@ func FindPassthrough(devices []*Device, sel Selector) []*Passthrough {
 	for _, d := range devices {
 		if p := groups[d.IOMMUGroup]; p != nil && !d.IsBridge() {
 			p.Functions = append(p.Functions, d)
+			if _, ok := sel.Match(d); ok && d.BoundToVFIO() {
+				p.Selected = append(p.Selected, d)
+			}
 		}
 	}
 	out := make([]*Passthrough, 0, len(groups))

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -61,6 +62,7 @@ type statusEntry struct {
 	InUseBy    []string `json:"inUseBy"`
 	For        string   `json:"for"`
 	Pending    string   `json:"pending"`
+	SharedWith []string `json:"sharedWith"`
 }
 
 func (n *node) status(t *testing.T, env ...string) []statusEntry {
@@ -76,6 +78,28 @@ func (n *node) status(t *testing.T, env ...string) []statusEntry {
 		t.Fatalf("status --json is not the documented array: %v\n%s", err, r.stdout)
 	}
 	return entries
+}
+
+// GPUs behind a PCIe switch without ACS share an IOMMU group: vfio-manager
+// binds them together and status marks the group, in the table and in
+// JSON, with the devices it carries.
+func TestVFIOManagerSharedGroups(t *testing.T) {
+	n := newNode(t, vfiotest.TwoSocketL40SNoACS())
+	if r := n.vfioManager(t, nil, "bind", "--all"); r.code != 0 || !strings.Contains(r.stdout, "8 bound") {
+		t.Fatalf("bind --all: %s", r)
+	}
+	gpus := vfiotest.TwoSocketL40SGPUs
+	for i, e := range n.status(t) {
+		other := gpus[i^1] // the GPU on the same switch
+		if e.Address != gpus[i] || e.IOMMUGroup != 80+i/2 || !reflect.DeepEqual(e.SharedWith, []string{other}) {
+			t.Errorf("entry %d: %s group %d shared with %v; want %s group %d shared with %s", i, e.Address, e.IOMMUGroup, e.SharedWith, gpus[i], 80+i/2, other)
+		}
+	}
+	r := n.vfioManager(t, nil, "status")
+	if !strings.Contains(r.stdout, "* group 80 carries 2 devices (0000:1b:00.0, 0000:1c:00.0)") ||
+		!regexp.MustCompile(`0000:1c:00\.0 +10de:26b9 +gpu +80\* `).MatchString(r.stdout) {
+		t.Errorf("status does not mark the shared groups:\n%s", r)
+	}
 }
 
 func TestVFIOManagerBindStatusUnbindHGX(t *testing.T) {

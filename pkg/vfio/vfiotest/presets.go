@@ -161,3 +161,32 @@ func TwoSocketL40S() Node {
 	}
 	return n
 }
+
+// TwoSocketL40SNoACS is TwoSocketL40S with ACS off in its PCIe switches (as
+// some firmware ships them): the IOMMU cannot tell a switch's downstream
+// ports apart, so each switch's two GPUs, with those ports, share one group
+// (80 to 83): eight GPUs in four groups.
+func TwoSocketL40SNoACS() Node {
+	n := TwoSocketL40S()
+	parent := map[string]string{}
+	for _, d := range n.Devices {
+		parent[d.Address] = d.Parent
+	}
+	group := map[string]int{} // switch upstream port → shared group
+	for i, d := range n.Devices {
+		up := ""
+		switch {
+		case d.Vendor == VendorNVIDIA:
+			up = parent[d.Parent]
+		case d.Parent != "":
+			up = d.Parent // a downstream port
+		default:
+			continue
+		}
+		if _, ok := group[up]; !ok {
+			group[up] = 80 + len(group)
+		}
+		n.Devices[i].IOMMUGroup = group[up]
+	}
+	return n
+}

@@ -22,6 +22,9 @@ type GPU struct {
 	// Switch names the PCIe switch the GPU sits behind (the upstream port
 	// of its bridge), "" when it sits on a root port.
 	Switch string
+	// Group is the GPU's IOMMU group, -1 for none. GPUs that share one
+	// (behind a switch without ACS) go to VMs together or not at all.
+	Group int
 	// Bound is true when a vfio driver holds the GPU now, Held when a
 	// process (a VM) holds its group open.
 	Bound, Held bool
@@ -51,7 +54,7 @@ func Gather(devices []*vfio.Device, sel vfio.Selector, model func(*vfio.Device) 
 			n.NVSwitches++
 		case ok && role == vfio.RoleGPU:
 			g := GPU{Address: d.Address, Index: len(n.GPUs), Model: model(d), NUMANode: d.NUMANode,
-				Bound: d.BoundToVFIO(), Held: held[d.Address]}
+				Group: d.IOMMUGroup, Bound: d.BoundToVFIO(), Held: held[d.Address]}
 			// The GPU's bridge is a switch's downstream port; the switch is
 			// the port above it. A GPU straight on a root port has none.
 			if port := byAddr[d.Parent]; port != nil && port.Parent != "" {
@@ -77,7 +80,9 @@ type Choice struct {
 	Warnings []string
 }
 
-// Choose applies the policy to the node.
+// Choose applies the policy to the node. A GPU that shares its IOMMU
+// group with a chosen one is chosen too, with a warning: VFIO takes groups
+// whole.
 //
 // A count moves as few GPUs as it can (a node that already has that many
 // bound keeps them), never leaves out a GPU a VM holds while it takes a free
@@ -96,7 +101,7 @@ func Choose(p Policy, n Node) Choice {
 	case None:
 		return Choice{VM: []string{}, Reason: "no GPU"}
 	case List:
-		return chooseList(p.Items, n)
+		return wholeGroups(chooseList(p.Items, n), n)
 	}
 	if p.Count >= len(n.GPUs) {
 		c := Choice{VM: all, Reason: fmt.Sprintf("all %d GPUs", len(all))}
@@ -105,7 +110,32 @@ func Choose(p Policy, n Node) Choice {
 		}
 		return c
 	}
-	return chooseCount(p.Count, n)
+	return wholeGroups(chooseCount(p.Count, n), n)
+}
+
+// wholeGroups adds to the choice every GPU that shares an IOMMU group with
+// a chosen one, saying so.
+func wholeGroups(c Choice, n Node) Choice {
+	chosen := map[string]bool{}
+	groups := map[int]string{} // group → a chosen GPU of it
+	for _, a := range c.VM {
+		chosen[a] = true
+	}
+	for _, g := range n.GPUs {
+		if chosen[g.Address] && g.Group >= 0 {
+			if _, ok := groups[g.Group]; !ok {
+				groups[g.Group] = g.Address
+			}
+		}
+	}
+	for _, g := range n.GPUs {
+		if first, ok := groups[g.Group]; ok && g.Group >= 0 && !chosen[g.Address] {
+			c.VM = append(c.VM, g.Address)
+			c.Warnings = append(c.Warnings, fmt.Sprintf("%s shares IOMMU group %d with %s: VFIO gives a group whole, so it is for VMs too", g.Address, g.Group, first))
+		}
+	}
+	slices.Sort(c.VM)
+	return c
 }
 
 func chooseList(items []Item, n Node) Choice {

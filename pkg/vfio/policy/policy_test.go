@@ -228,3 +228,41 @@ func TestChooseList(t *testing.T) {
 		t.Errorf("by model: %+v", c)
 	}
 }
+
+// GPUs that share an IOMMU group (a switch without ACS) go to VMs
+// together: a list or a count naming one of them takes both, and says so.
+func TestChooseKeepsSharedGroupsWhole(t *testing.T) {
+	l40s := vfiotest.TwoSocketL40SGPUs
+	n := node(t, vfiotest.TwoSocketL40SNoACS())
+	if g := n.GPUs[1]; g.Group != 80 || n.GPUs[2].Group != 81 {
+		t.Fatalf("groups: %+v", n.GPUs)
+	}
+	for _, tc := range []struct {
+		value string
+		want  []string
+	}{
+		{"gpu1", gpus(l40s, 0, 1)},
+		{l40s[2] + "," + l40s[4], gpus(l40s, 2, 3, 4, 5)},
+		{"1", gpus(l40s, 0, 1)},
+		{"3", gpus(l40s, 0, 1, 2, 3)},
+		{"2", gpus(l40s, 0, 1)},
+	} {
+		p, err := policy.Parse(tc.value)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := policy.Choose(p, n)
+		if !slices.Equal(c.VM, tc.want) {
+			t.Errorf("%s: %v; want %v", tc.value, c.VM, tc.want)
+		}
+		if len(c.VM) > 2 && tc.value == "2" || tc.value == "gpu1" && !slices.ContainsFunc(c.Warnings, func(w string) bool {
+			return strings.Contains(w, l40s[0]+" shares IOMMU group 80 with "+l40s[1])
+		}) {
+			t.Errorf("%s: warnings %q", tc.value, c.Warnings)
+		}
+	}
+	// On a node where every GPU has its group, nothing is added.
+	if c := policy.Choose(policy.Policy{Kind: policy.Count, Count: 1}, node(t, vfiotest.TwoSocketL40S())); len(c.VM) != 1 || len(c.Warnings) != 0 {
+		t.Errorf("separate groups: %+v", c)
+	}
+}

@@ -613,3 +613,46 @@ func TestSharedGroupsAreOneVisibleDevice(t *testing.T) {
 		t.Errorf("metrics do not count 4 shared groups:\n%s", body.String())
 	}
 }
+
+// After NVIDIA's sandbox device plugin is swapped for ours, the kubelet's
+// checkpoint still holds running pods' GPUs under NVIDIA's IDs (IOMMU
+// group numbers), which the kubelet cannot match with ours: such a device
+// stays Unhealthy, so that no second pod gets it, until the checkpoint no
+// longer holds it.
+func TestForeignCheckpointKeepsAssignedDevices(t *testing.T) {
+	n := newNode(t, vfiotest.BoundToVFIO(vfiotest.HGXH100()), true)
+	checkpoint := filepath.Join(n.cfg.PluginDir, sandboxplugin.CheckpointFile)
+	write := func(entries string) {
+		t.Helper()
+		// As the kubelet writes it: a new file renamed into place.
+		tmp := checkpoint + ".tmp"
+		data := `{"Data":{"PodDeviceEntries":[` + entries + `],"RegisteredDevices":{}},"Checksum":1}`
+		if err := os.WriteFile(tmp, []byte(data), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, checkpoint); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Group 21 is 0000:2a:00.0; NVIDIA's container plugin's index IDs on
+	// another resource, and our own IDs, claim nothing.
+	write(`{"PodUID":"vm-pod","ContainerName":"cuda","ResourceName":"` + h100 + `","DeviceIDs":{"0":["21"]},"AllocResp":""},
+		{"PodUID":"ctr-pod","ContainerName":"c","ResourceName":"nvidia.com/gpu","DeviceIDs":{"1":["24"]},"AllocResp":""},
+		{"PodUID":"our-pod","ContainerName":"c","ResourceName":"` + h100 + `","DeviceIDs":["0000:db:00.0"],"AllocResp":""}`)
+	n.run(t)
+	p := n.kubelet.WaitForDevices(h100, func(l []*pluginapi.Device) bool { return count(l, pluginapi.Healthy) == 7 })
+	for _, d := range p.Devices() {
+		if (d.Health == pluginapi.Healthy) == (d.ID == "0000:2a:00.0") {
+			t.Errorf("%s is %s", d.ID, d.Health)
+		}
+	}
+	if _, err := allocate(t, p, "0000:2a:00.0"); err == nil {
+		t.Error("Allocate gave the GPU the checkpoint assigns to vm-pod")
+	}
+	if !strings.Contains(n.logs.String(), "pod vm-pod container cuda as "+h100+"=21") {
+		t.Errorf("the log does not name the pod holding the GPU:\n%s", n.logs)
+	}
+	// The pod is gone: the kubelet rewrites its checkpoint, the GPU is free.
+	write(`{"PodUID":"our-pod","ContainerName":"c","ResourceName":"` + h100 + `","DeviceIDs":{"1":["0000:db:00.0"]},"AllocResp":""}`)
+	n.kubelet.WaitForDevices(h100, func(l []*pluginapi.Device) bool { return count(l, pluginapi.Healthy) == 8 })
+}

@@ -81,6 +81,10 @@ func Run(ctx context.Context, cfg Config) error {
 type device struct {
 	ID       string
 	Resource string // also the CDI kind: Allocate names Resource=ID
+	// claimed is the kubelet's assignment of this device to a pod under
+	// another plugin's ID (NVIDIA's group number): kept Unhealthy while
+	// the checkpoint holds it, so that no second pod gets it.
+	claimed string
 	NUMA     int
 	Path     string   // sysfs path of the primary function: PCIe position
 	Nodes    []string // device nodes in the current mode
@@ -124,6 +128,7 @@ type plugin struct {
 	known     map[string]*device
 	written   map[string]bool // CDI kinds on disk
 	lastErr   string
+	lastCkErr string // the checkpoint's last read error, said once
 	wg        sync.WaitGroup
 }
 
@@ -232,6 +237,10 @@ func (p *plugin) run(ctx context.Context) error {
 			if !ok {
 				return errors.New("device watch closed")
 			}
+			if ev.Name == p.checkpointPath() {
+				settle.Reset(settleDelay) // the kubelet assigned or released devices
+				continue
+			}
 			if !p.vfioPath(ev.Name) {
 				continue // the rest of /dev: ttys, disks, ...
 			}
@@ -269,7 +278,8 @@ func (p *plugin) run(ctx context.Context) error {
 // watch follows the directories where vfio nodes come and go, and /dev
 // itself for /dev/vfio and /dev/iommu. Adding a watch twice is harmless.
 func (p *plugin) watch(w *fsnotify.Watcher) {
-	for _, dir := range []string{p.cfg.DevRoot, filepath.Join(p.cfg.DevRoot, "vfio"), filepath.Join(p.cfg.DevRoot, "vfio", "devices")} {
+	// The plugin directory, for the kubelet's checkpoint.
+	for _, dir := range []string{p.cfg.DevRoot, filepath.Join(p.cfg.DevRoot, "vfio"), filepath.Join(p.cfg.DevRoot, "vfio", "devices"), p.cfg.PluginDir} {
 		if _, err := os.Stat(dir); err == nil {
 			_ = w.Add(dir)
 		}
@@ -318,6 +328,7 @@ func (p *plugin) scan(ctx context.Context) {
 	found := vfio.FindPassthrough(devices, p.sel)
 	mode, _ := vfio.ResolveMode(p.cfg.VFIOMode, p.cfg.DevRoot, found) // validated in newPlugin
 
+	claims := p.foreignClaims(found)
 	present := map[string]bool{}
 	for _, pt := range found {
 		d := p.known[pt.ID]
@@ -339,7 +350,21 @@ func (p *plugin) scan(ctx context.Context) {
 		}
 		present[pt.ID] = true
 		nodes, err := pt.DevicePaths(mode)
-		healthy := err == nil && pt.Ready() && p.nodesExist(nodes)
+		claim := ""
+		if a, ok := claims[pt.ID]; ok {
+			claim = a.String()
+		}
+		if claim != d.claimed {
+			if claim != "" {
+				p.log.WithFields(logrus.Fields{"device": pt.ID, "resource": d.Resource, "assigned": claim}).Warn(
+					"the kubelet's checkpoint assigns this device under another plugin's ID: kept Unhealthy until that pod is gone")
+			} else {
+				p.log.WithFields(logrus.Fields{"device": pt.ID, "resource": d.Resource, "assigned": d.claimed}).Info(
+					"the kubelet's checkpoint no longer assigns this device under another plugin's ID")
+			}
+			d.claimed = claim
+		}
+		healthy := err == nil && pt.Ready() && p.nodesExist(nodes) && claim == ""
 		funcs := make([]string, len(pt.Functions))
 		for i, f := range pt.Functions {
 			funcs[i] = f.Address
@@ -380,7 +405,7 @@ func (p *plugin) nodeEvent(ctx context.Context, ev fsnotify.Event) {
 		if !d.Present || d.Healthy != gone || !names(d, ev.Name) {
 			continue
 		}
-		if !gone && !(d.passthru.Ready() && p.nodesExist(d.Nodes) && p.onVFIO(d.Funcs)) {
+		if !gone && !(d.claimed == "" && d.passthru.Ready() && p.nodesExist(d.Nodes) && p.onVFIO(d.Funcs)) {
 			continue
 		}
 		changed = append(changed, d)
@@ -502,6 +527,29 @@ func (p *plugin) logHealth(d *device, healthy, present, was bool) {
 	}
 }
 
+// foreignClaims reads the kubelet's checkpoint for devices it assigned
+// under another plugin's IDs, for the resources the found devices have.
+// An unreadable checkpoint is said once and claims nothing.
+func (p *plugin) foreignClaims(found []*vfio.Passthrough) map[string]assignment {
+	assigned, err := readCheckpoint(p.checkpointPath())
+	if msg := fmt.Sprint(err); err != nil && msg != p.lastCkErr {
+		p.log.WithError(err).Warn("cannot read the kubelet's checkpoint: devices assigned under another plugin's IDs are not recognised")
+	}
+	p.lastCkErr = fmt.Sprint(err)
+	if len(assigned) == 0 {
+		return nil
+	}
+	resources := map[string]bool{}
+	for _, pt := range found {
+		if d := p.known[pt.ID]; d != nil {
+			resources[d.Resource] = true
+		} else {
+			resources[p.namer.resource(pt)] = true
+		}
+	}
+	return foreign(assigned, resources, found)
+}
+
 // hostPath is where a device node (/dev/vfio/22) is under --dev-root.
 func (p *plugin) hostPath(node string) string {
 	return filepath.Join(p.cfg.DevRoot, strings.TrimPrefix(node, "/dev/"))
@@ -587,7 +635,7 @@ func (p *plugin) onEvent(e deviceplugin.Event) {
 // writeSpecs writes one spec per resource and the nvidia.com/pgpu spec,
 // from the devices vfio holds whole, and removes specs left without devices.
 func (p *plugin) writeSpecs(snap *snapshot) {
-	opts := cdi.SpecOptions{Mode: snap.mode, Sysfs: p.sysfs}
+	opts := cdi.SpecOptions{Mode: snap.mode, Sysfs: p.sysfs, ByGroup: true}
 	want := map[string][]*vfio.Passthrough{}
 	var all []*vfio.Passthrough
 	for _, d := range snap.devices {

@@ -45,6 +45,12 @@ type SpecOptions struct {
 	Sysfs *vfio.Sysfs
 	// ByIndex also names the devices 0, 1, ... in address order.
 	ByIndex bool
+	// ByGroup also names each device by its IOMMU group number and by the
+	// vfioN cdev of each of its functions: the IDs NVIDIA's sandbox device
+	// plugin gives, so that containers of pods created before it was
+	// replaced still resolve. A name an index already has is left out:
+	// the index wins.
+	ByGroup bool
 }
 
 // QualifiedName is the CDI name of a device: kind=name.
@@ -101,6 +107,32 @@ func NewSpec(kind string, devices []*vfio.Passthrough, opts SpecOptions) (*specs
 		}
 	}
 	spec.Devices = append(spec.Devices, named...)
+	if opts.ByGroup {
+		taken := map[string]bool{}
+		for _, d := range spec.Devices {
+			taken[d.Name] = true
+		}
+		byName := map[string]specs.Device{}
+		for _, d := range named {
+			byName[d.Name] = d
+		}
+		for _, p := range sorted {
+			legacy := []string{strconv.Itoa(p.IOMMUGroup)}
+			for _, f := range p.Functions {
+				if f.VFIODevice != "" {
+					legacy = append(legacy, f.VFIODevice)
+				}
+			}
+			for _, name := range legacy {
+				if !taken[name] && p.IOMMUGroup >= 0 {
+					d := byName[p.ID]
+					d.Name = name
+					spec.Devices = append(spec.Devices, d)
+					taken[name] = true
+				}
+			}
+		}
+	}
 
 	common := vfio.CommonDevicePath(mode)
 	var num vfio.CharDev
@@ -207,7 +239,8 @@ func (w *Writer) Remove(kind string) error {
 }
 
 // NewPassthroughSpec builds the nvidia.com/pgpu spec: every GPU among
-// devices that vfio holds whole, by index and by address. The device plugin
+// devices that vfio holds whole, by index, by address and by IOMMU group
+// (ByGroup). The device plugin
 // and kata-manager both write it with this function, so that they write the
 // same bytes.
 func NewPassthroughSpec(devices []*vfio.Passthrough, opts SpecOptions) (*specs.Spec, error) {
@@ -217,6 +250,6 @@ func NewPassthroughSpec(devices []*vfio.Passthrough, opts SpecOptions) (*specs.S
 			gpus = append(gpus, p)
 		}
 	}
-	opts.ByIndex = true
+	opts.ByIndex, opts.ByGroup = true, true
 	return NewSpec(PassthroughKind, gpus, opts)
 }

@@ -35,5 +35,6 @@ func Example() {
 	// nvidia.com/pgpu=0 /dev/vfio/21
 	// nvidia.com/pgpu=0000:65:00.0 /dev/vfio/21
 	// nvidia.com/pgpu=0000:65:00.1 /dev/vfio/21
+	// nvidia.com/pgpu=21 /dev/vfio/21
 	// common: /dev/vfio/vfio
 }

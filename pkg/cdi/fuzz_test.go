@@ -2,6 +2,7 @@ package cdi_test
 
 import (
 	"fmt"
+	"strconv"
 	"testing"
 
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/cdi"
@@ -30,8 +31,27 @@ func FuzzSpec(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(spec.Devices) != 2*len(devices) {
-			t.Fatalf("%d devices named, want %d", len(spec.Devices), 2*len(devices))
+		// By index and address; by vfioN; by group number unless an
+		// index has it; and each name opens its own device's nodes.
+		want := 3 * len(devices)
+		nodes := map[string]string{}
+		for _, d := range spec.Devices {
+			nodes[d.Name] = d.ContainerEdits.DeviceNodes[0].Path
+		}
+		for i, d := range devices {
+			names := []string{strconv.Itoa(i), d.ID, d.Primary.VFIODevice}
+			if g := strconv.Itoa(d.IOMMUGroup); d.IOMMUGroup >= len(devices) {
+				names = append(names, g)
+				want++
+			}
+			for _, name := range names {
+				if nodes[name] != nodes[d.ID] || nodes[name] == "" {
+					t.Errorf("%s opens %q; its device %s opens %q", name, nodes[name], d.ID, nodes[d.ID])
+				}
+			}
+		}
+		if len(spec.Devices) != want || len(nodes) != want {
+			t.Fatalf("%d devices named (%d names), want %d", len(spec.Devices), len(nodes), want)
 		}
 		w, err := cdi.NewWriter(t.TempDir())
 		if err != nil {

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -20,12 +21,14 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/sets"
 	"k8s.io/klog/v2"
+	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 	"k8s.io/kubernetes/pkg/kubelet/cm/containermap"
 	"k8s.io/kubernetes/pkg/kubelet/cm/devicemanager"
 	"k8s.io/kubernetes/pkg/kubelet/cm/topologymanager"
 	"k8s.io/kubernetes/pkg/kubelet/lifecycle"
 	cdiapi "tags.cncf.io/container-device-interface/pkg/cdi"
 
+	"github.com/gpu-sandbox/gpu-sandbox/pkg/deviceplugin"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio/vfiotest"
 )
 
@@ -255,4 +258,97 @@ func TestDevicePluginWithKubeletDeviceManager(t *testing.T) {
 	if specs, _ := os.ReadDir(cdiRoot); len(specs) != 0 {
 		t.Errorf("CDI specs left after uninstall: %v", specs)
 	}
+}
+
+// groupIDPlugin stands in for NVIDIA's sandbox device plugin: IOMMU group
+// numbers as device IDs, the group's node on Allocate.
+type groupIDPlugin struct{}
+
+func (groupIDPlugin) Allocate(_ context.Context, ids []string) (*pluginapi.ContainerAllocateResponse, error) {
+	resp := &pluginapi.ContainerAllocateResponse{}
+	for _, id := range ids {
+		resp.Devices = append(resp.Devices, &pluginapi.DeviceSpec{HostPath: "/dev/vfio/" + id, ContainerPath: "/dev/vfio/" + id, Permissions: "mrw"})
+	}
+	return resp, nil
+}
+
+// An upgrade from NVIDIA's operands: a plugin with IOMMU group numbers as
+// IDs assigns a GPU to a pod (a running VM), then ours replaces it on the
+// same kubelet. The kubelet's checkpoint holds that GPU under its group
+// number, which matches none of our IDs, so the kubelet would offer it
+// again: our plugin keeps it Unhealthy, and no second pod ever gets it,
+// until the kubelet forgets the first pod.
+func TestUpgradeFromGroupIDsKeepsTheVMsGPU(t *testing.T) {
+	if !inPrivateMounts(t) {
+		return
+	}
+	mountTmpfs(t, "/var/lib", "mode=0755")
+	const gpu = "nvidia.com/GH100_H100_SXM5_80GB"
+	pluginDir := "/var/lib/kubelet/device-plugins"
+	tree, _ := vfiotest.New(t, vfiotest.BoundToVFIO(vfiotest.HGXH100()))
+	k := startKubelet(t)
+
+	// NVIDIA's plugin, and a VM pod given one GPU by group number.
+	var devices []deviceplugin.Device
+	for i := range vfiotest.HGXH100GPUs {
+		devices = append(devices, deviceplugin.Device{ID: strconv.Itoa(20 + i), Healthy: true, NUMANode: i / 4})
+	}
+	old := deviceplugin.New(gpu, groupIDPlugin{}, deviceplugin.WithDir(pluginDir), deviceplugin.WithSocketName("nvidia-gpu.sock"))
+	old.SetDevices(devices)
+	ctx, stopOld := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- old.Run(ctx) }()
+	k.waitCapacity(t, map[string]int64{gpu: 8})
+	opts := k.allocate(t, "vm-pod", gpu, 1)
+	if len(opts.Devices) != 1 {
+		t.Fatalf("the VM pod got %+v", opts.Devices)
+	}
+	vmNode := opts.Devices[0].PathOnHost // /dev/vfio/<group>
+	group, _ := strconv.Atoi(strings.TrimPrefix(vmNode, "/dev/vfio/"))
+	vmGPU := vfiotest.HGXH100GPUs[group-20]
+
+	// The DaemonSet's image is swapped: NVIDIA's plugin stops, ours starts.
+	stopOld()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	plugin := exec.Command(filepath.Join(binDir, "sandbox-device-plugin"),
+		"--device-plugin-path", pluginDir, "--sysfs-root", tree.SysfsRoot, "--dev-root", tree.DevRoot,
+		"--cdi-root", filepath.Join(t.TempDir(), "cdi"), "--vfio-mode", "legacy", "--log-format", "json")
+	plugin.Env = cleanEnv()
+	var logs strings.Builder
+	plugin.Stderr = &logs
+	if err := plugin.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		plugin.Process.Signal(syscall.SIGTERM)
+		plugin.Wait()
+		if t.Failed() {
+			t.Logf("plugin logs:\n%s", logs.String())
+		}
+	})
+	k.waitCapacity(t, map[string]int64{gpu: 7})
+
+	// Every GPU the kubelet will give is another one.
+	opts = k.allocate(t, "pod-b", gpu, 7)
+	for _, d := range opts.CDIDevices {
+		if d.Name == gpu+"="+vmGPU {
+			t.Errorf("pod-b got %s, which the VM pod holds as group %d", vmGPU, group)
+		}
+	}
+	for _, d := range opts.Devices {
+		if d.PathOnHost == vmNode {
+			t.Errorf("pod-b got %s, the VM pod's group", vmNode)
+		}
+	}
+	if !strings.Contains(logs.String(), "vm-pod-uid") {
+		t.Errorf("the plugin's log does not name the pod holding %s", vmGPU)
+	}
+
+	// The VM pod ends; the kubelet forgets it at its next allocation and
+	// rewrites the checkpoint: the GPU comes back.
+	k.pods = slices.DeleteFunc(k.pods, func(p *v1.Pod) bool { return p.Name == "vm-pod" })
+	k.allocate(t, "pod-c", "nvidia.com/nvswitch", 1)
+	k.waitCapacity(t, map[string]int64{gpu: 8})
 }

@@ -59,7 +59,7 @@ func (n *namer) resource(p *vfio.Passthrough) string {
 	if alias != "" {
 		return ResourceVendor + "/" + alias
 	}
-	id := [2]uint16{p.Primary.Vendor, p.Primary.Device}
+	id := [2]uint16{p.Primary.Vendor, p.Primary.DeviceID}
 	name, ok := n.models[id]
 	if !ok {
 		if n.names == nil {

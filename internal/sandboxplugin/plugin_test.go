@@ -385,7 +385,7 @@ func TestModelsThatSanitiseAlikeShareOneResource(t *testing.T) {
 	}
 	spec := vfiotest.BoundToVFIO(vfiotest.GroupWithNIC())
 	spec.Devices = slices.DeleteFunc(spec.Devices, func(d vfiotest.Device) bool { return d.Vendor != vfiotest.VendorNVIDIA })
-	spec.Devices[1].Device = 0x2237
+	spec.Devices[1].DeviceID = 0x2237
 	n := newNode(t, spec, true)
 	n.cfg.PCIIDs = ids
 	n.run(t)
@@ -508,7 +508,7 @@ func TestNodeEventChangesOnlyItsDevice(t *testing.T) {
 // the CDI kind.
 func TestKataColdPlugNames(t *testing.T) {
 	unknown := vfiotest.BoundToVFIO(vfiotest.A10WithAudio())
-	unknown.Devices[0].Device = 0x3ffe
+	unknown.Devices[0].DeviceID = 0x3ffe
 	for name, tc := range map[string]struct {
 		node vfiotest.Node
 		want []string

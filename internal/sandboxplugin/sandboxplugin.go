@@ -85,9 +85,9 @@ type device struct {
 	// another plugin's ID (NVIDIA's group number): kept Unhealthy while
 	// the checkpoint holds it, so that no second pod gets it.
 	claimed string
-	NUMA     int
-	Path     string   // sysfs path of the primary function: PCIe position
-	Nodes    []string // device nodes in the current mode
+	NUMA    int
+	Path    string   // sysfs path of the primary function: PCIe position
+	Nodes   []string // device nodes in the current mode
 	// hostNodes are Nodes under --dev-root, as /dev events name them.
 	hostNodes []string
 	Funcs     []string // addresses of the group's functions

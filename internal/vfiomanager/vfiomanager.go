@@ -181,7 +181,7 @@ type agent struct {
 
 // model is the name part of a GPU's resource, as the device plugin gives it.
 func (a *agent) model(d *vfio.Device) string {
-	return vfio.ModelName(a.names.Name(d.Vendor, d.Device))
+	return vfio.ModelName(a.names.Name(d.Vendor, d.DeviceID))
 }
 
 // devices reads the node's PCI functions; one that cannot be read is
@@ -352,8 +352,8 @@ func (a *agent) status(ctx context.Context, plan *vfio.Plan) error {
 	}
 	for _, m := range plan.Members() {
 		e := statusEntry{
-			Address: m.Address, Vendor: fmt.Sprintf("%04x", m.Vendor), Device: fmt.Sprintf("%04x", m.Device.Device),
-			Class: fmt.Sprintf("0x%06x", m.Class), Name: names.Name(m.Vendor, m.Device.Device),
+			Address: m.Address, Vendor: fmt.Sprintf("%04x", m.Vendor), Device: fmt.Sprintf("%04x", m.Device.DeviceID),
+			Class: fmt.Sprintf("0x%06x", m.Class), Name: names.Name(m.Vendor, m.Device.DeviceID),
 			Role: string(m.Role), Driver: m.Driver, IOMMUGroup: m.IOMMUGroup, NUMANode: m.NUMANode,
 		}
 		switch {

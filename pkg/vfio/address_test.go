@@ -30,12 +30,12 @@ func TestParseAddress(t *testing.T) {
 }
 
 func TestSelector(t *testing.T) {
-	gpu := &vfio.Device{Vendor: 0x10de, Device: 0x2330, Class: 0x030200}
-	vga := &vfio.Device{Vendor: 0x10de, Device: 0x1eb8, Class: 0x030000}
-	audio := &vfio.Device{Vendor: 0x10de, Device: 0x1aef, Class: 0x040300}
-	nvswitch := &vfio.Device{Vendor: 0x10de, Device: 0x22a3, Class: 0x068000}
-	edu := &vfio.Device{Vendor: 0x1234, Device: 0x11e8, Class: 0x00ff00}
-	bridge := &vfio.Device{Vendor: 0x1b36, Device: 0x0001, Class: 0x060400}
+	gpu := &vfio.Device{Vendor: 0x10de, DeviceID: 0x2330, Class: 0x030200}
+	vga := &vfio.Device{Vendor: 0x10de, DeviceID: 0x1eb8, Class: 0x030000}
+	audio := &vfio.Device{Vendor: 0x10de, DeviceID: 0x1aef, Class: 0x040300}
+	nvswitch := &vfio.Device{Vendor: 0x10de, DeviceID: 0x22a3, Class: 0x068000}
+	edu := &vfio.Device{Vendor: 0x1234, DeviceID: 0x11e8, Class: 0x00ff00}
+	bridge := &vfio.Device{Vendor: 0x1b36, DeviceID: 0x0001, Class: 0x060400}
 	for _, tc := range []struct {
 		list       string
 		nvswitches bool
@@ -62,7 +62,7 @@ func TestSelector(t *testing.T) {
 		role, ok := sel.Match(tc.dev)
 		if role != tc.role || ok != (tc.role != "") {
 			t.Errorf("selector %q (nvswitches %v) on %04x:%04x = %q, %v; want %q", tc.list, tc.nvswitches,
-				tc.dev.Vendor, tc.dev.Device, role, ok, tc.role)
+				tc.dev.Vendor, tc.dev.DeviceID, role, ok, tc.role)
 		}
 	}
 	for _, bad := range []string{"xyz", "10de:", "12345", ":11e8", "10de,,1234"} {

@@ -18,10 +18,10 @@ func synthetic64() vfiotest.Node {
 		bus := 0x10 + 2*i
 		port := fmt.Sprintf("0000:%02x:00.0", bus)
 		n.Devices = append(n.Devices,
-			vfiotest.Device{Address: port, Vendor: 0x1000, Device: 0xc030, Class: vfiotest.ClassBridge,
+			vfiotest.Device{Address: port, Vendor: 0x1000, DeviceID: 0xc030, Class: vfiotest.ClassBridge,
 				Driver: "pcieport", IOMMUGroup: 200 + i, NUMANode: i / 32},
 			vfiotest.Device{Address: fmt.Sprintf("0000:%02x:00.0", bus+1), Vendor: vfiotest.VendorNVIDIA,
-				Device: vfiotest.DeviceH100SXM, Class: vfiotest.Class3D, Driver: "vfio-pci",
+				DeviceID: vfiotest.DeviceH100SXM, Class: vfiotest.Class3D, Driver: "vfio-pci",
 				IOMMUGroup: i, NUMANode: i / 32, Parent: port})
 	}
 	return n

@@ -21,7 +21,7 @@ type Device struct {
 	// Address is the canonical PCI address, e.g. "0000:65:00.0".
 	Address         string
 	Vendor          uint16
-	Device          uint16
+	DeviceID        uint16
 	Class           uint32 // 24 bits: base class, subclass, programming interface
 	SubsystemVendor uint16
 	SubsystemDevice uint16

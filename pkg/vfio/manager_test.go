@@ -518,7 +518,7 @@ func TestBindResumesAfterCrash(t *testing.T) {
 
 func TestBindPicksVariantDriverAndLoadsIt(t *testing.T) {
 	n := vfiotest.Node{Devices: []vfiotest.Device{{
-		Address: "0009:01:00.0", Vendor: 0x10de, Device: 0x2342, Class: 0x030200, // GH100 on Grace
+		Address: "0009:01:00.0", Vendor: 0x10de, DeviceID: 0x2342, Class: 0x030200, // GH100 on Grace
 		Driver: "nvidia", IOMMUGroup: 7, NUMANode: 0,
 	}}}
 	loader := &recordingLoader{}
@@ -589,7 +589,7 @@ func (l *recordingLoader) LoadModule(_ context.Context, name string) error {
 // driver_override, as on a real kernel.
 func TestUnbindGivesBackToOverrideOnlyDriver(t *testing.T) {
 	n := vfiotest.Node{Drivers: []string{"vfio-pci"}, Devices: []vfiotest.Device{{
-		Address: "0000:00:04.0", Vendor: 0x1234, Device: 0x1111, Class: 0x030000,
+		Address: "0000:00:04.0", Vendor: 0x1234, DeviceID: 0x1111, Class: 0x030000,
 		Driver: "pci-stub", NativeDriver: "bochs-drm", IOMMUGroup: 3, NUMANode: -1,
 	}}}
 	f := newFixture(t, n)
@@ -608,11 +608,11 @@ func TestUnbindGivesBackToOverrideOnlyDriver(t *testing.T) {
 // enabled, is refused up front with the VF count and the way out.
 func TestSRIOV(t *testing.T) {
 	n := vfiotest.Node{Drivers: []string{"vfio-pci"}, Devices: []vfiotest.Device{
-		{Address: "0000:3b:00.0", Vendor: 0x10de, Device: 0x26b9, Class: 0x030200, Driver: "nvidia",
+		{Address: "0000:3b:00.0", Vendor: 0x10de, DeviceID: 0x26b9, Class: 0x030200, Driver: "nvidia",
 			IOMMUGroup: 50, NUMANode: 0, TotalVFs: 32, NumVFs: 2},
-		{Address: "0000:3b:00.4", Vendor: 0x10de, Device: 0x26ba, Class: 0x030200, Driver: "nvidia",
+		{Address: "0000:3b:00.4", Vendor: 0x10de, DeviceID: 0x26ba, Class: 0x030200, Driver: "nvidia",
 			IOMMUGroup: 51, NUMANode: 0, PhysFn: "0000:3b:00.0"},
-		{Address: "0000:3b:00.5", Vendor: 0x10de, Device: 0x26ba, Class: 0x030200, Driver: "nvidia",
+		{Address: "0000:3b:00.5", Vendor: 0x10de, DeviceID: 0x26ba, Class: 0x030200, Driver: "nvidia",
 			IOMMUGroup: 52, NUMANode: 0, PhysFn: "0000:3b:00.0"},
 	}}
 	f := newFixture(t, n)
@@ -682,7 +682,7 @@ func TestIOMMUFDOnlyKernel(t *testing.T) {
 // not tell (xhci_hcd is xhci_pci's).
 func TestUnbindLoadsTheRecordedModule(t *testing.T) {
 	n := vfiotest.A10WithAudio()
-	n.Devices = append(n.Devices, vfiotest.Device{Address: "0000:65:00.2", Vendor: 0x10de, Device: 0x1ad9,
+	n.Devices = append(n.Devices, vfiotest.Device{Address: "0000:65:00.2", Vendor: 0x10de, DeviceID: 0x1ad9,
 		Class: 0x0c0330, Driver: "xhci_hcd", IOMMUGroup: 21, NUMANode: 0})
 	n.Modules = map[string]string{"xhci_hcd": "xhci_pci"}
 	loader := &moduleLoader{drivers: map[string]string{"xhci_pci": "xhci_hcd"}}

@@ -67,7 +67,7 @@ func NewPlan(devices []*Device, sel Selector, addresses []string) (*Plan, error)
 			role, ok := sel.Match(d)
 			if !ok {
 				return nil, fmt.Errorf("select %s (%04x:%04x, class 0x%06x): %w %q; name its ids with --select to handle it",
-					addr, d.Vendor, d.Device, d.Class, ErrNotSelected, sel.String())
+					addr, d.Vendor, d.DeviceID, d.Class, ErrNotSelected, sel.String())
 			}
 			selected[addr] = role
 		}
@@ -128,7 +128,7 @@ func NewPlan(devices []*Device, sel Selector, addresses []string) (*Plan, error)
 				g.Members = append(g.Members, Member{d, RoleCompanion})
 			case g.Err == nil:
 				g.Err = fmt.Errorf("%w: iommu group %d: %s shares it with %s (%04x:%04x), which is bound to host driver %q and was not selected; select it too or unbind it first",
-					ErrGroupNotViable, g.ID, first, d.Address, d.Vendor, d.Device, d.Driver)
+					ErrGroupNotViable, g.ID, first, d.Address, d.Vendor, d.DeviceID, d.Driver)
 			}
 		}
 	}

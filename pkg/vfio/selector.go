@@ -98,7 +98,7 @@ func (s Selector) Match(d *Device) (Role, bool) {
 		switch {
 		case id.Vendor != d.Vendor:
 		case !id.AnyDevice:
-			if id.Device == d.Device {
+			if id.Device == d.DeviceID {
 				return role, true
 			}
 		case d.IsVF():

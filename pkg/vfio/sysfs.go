@@ -84,7 +84,7 @@ func (s *Sysfs) Device(address string) (*Device, error) {
 		}
 		return nil, fmt.Errorf("read PCI device %s: %w", address, err)
 	}
-	if d.Device, err = readUint16(dir, "device"); err != nil {
+	if d.DeviceID, err = readUint16(dir, "device"); err != nil {
 		return nil, fmt.Errorf("read PCI device %s: %w", address, err)
 	}
 	class, err := readHex(dir, "class", 32)
@@ -226,6 +226,6 @@ func linkBase(dir, name string) (string, error) {
 // modalias rebuilds the kernel's alias from the ids for trees that lack the file.
 func modalias(d *Device) string {
 	return fmt.Sprintf("pci:v%08Xd%08Xsv%08Xsd%08Xbc%02Xsc%02Xi%02X",
-		d.Vendor, d.Device, d.SubsystemVendor, d.SubsystemDevice,
+		d.Vendor, d.DeviceID, d.SubsystemVendor, d.SubsystemDevice,
 		d.Class>>16, (d.Class>>8)&0xff, d.Class&0xff)
 }

@@ -74,7 +74,7 @@ func TestDevicesMatchNVPCI(t *testing.T) {
 		}{
 			{"address", g.Address, w.Address},
 			{"vendor", g.Vendor, w.Vendor},
-			{"device", g.Device, w.Device},
+			{"device", g.DeviceID, w.Device},
 			{"class", g.Class, w.Class},
 			{"subsystem vendor", g.SubsystemVendor, w.SubsystemVendor},
 			{"subsystem device", g.SubsystemDevice, w.SubsystemDevice},
@@ -84,7 +84,7 @@ func TestDevicesMatchNVPCI(t *testing.T) {
 			{"vfio cdev", g.VFIODevice, wantCDev},
 			{"physical function", g.PhysFn, pf},
 			{"total VFs", g.TotalVFs, totalVFs},
-			{"name", names.Name(g.Vendor, g.Device), w.DeviceName},
+			{"name", names.Name(g.Vendor, g.DeviceID), w.DeviceName},
 			{"is GPU", g.IsGPU(), w.IsGPU()},
 		} {
 			if c.got != c.want {
@@ -111,7 +111,7 @@ func TestDevicesOnFakeTree(t *testing.T) {
 	if gpu == nil {
 		t.Fatal("GPU 0000:9a:00.0 not found")
 	}
-	want := vfio.Device{Address: "0000:9a:00.0", Vendor: 0x10de, Device: 0x2330, Class: 0x030200,
+	want := vfio.Device{Address: "0000:9a:00.0", Vendor: 0x10de, DeviceID: 0x2330, Class: 0x030200,
 		SubsystemVendor: 0x10de, SubsystemDevice: 0x16c1, Driver: "nvidia", IOMMUGroup: 24, NUMANode: 1,
 		Parent:   "0000:99:00.0",
 		Modalias: "pci:v000010DEd00002330sv000010DEsd000016C1bc03sc02i00"}
@@ -119,7 +119,7 @@ func TestDevicesOnFakeTree(t *testing.T) {
 	if *gpu != want {
 		t.Errorf("read %+v\nwant %+v", *gpu, want)
 	}
-	if n := vfio.NewNames("").Name(gpu.Vendor, gpu.Device); n != "GH100 [H100 SXM5 80GB]" {
+	if n := vfio.NewNames("").Name(gpu.Vendor, gpu.DeviceID); n != "GH100 [H100 SXM5 80GB]" {
 		t.Errorf("name = %q", n)
 	}
 	if c, _ := vfio.NewSysfs(tree.SysfsRoot).IOMMUGroupCount(); c != 20 {

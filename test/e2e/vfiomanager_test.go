@@ -401,7 +401,7 @@ func TestVFIOManagerRolloutWithVMHoldingDevice(t *testing.T) {
 func TestVFIOManagerReadyMarker(t *testing.T) {
 	spec := vfiotest.A10WithAudio()
 	spec.Devices = append(spec.Devices, vfiotest.Device{
-		Address: "0000:b1:00.0", Vendor: 0x10de, Device: 0x26b9, Class: 0x030200, // L40S that will not let go
+		Address: "0000:b1:00.0", Vendor: 0x10de, DeviceID: 0x26b9, Class: 0x030200, // L40S that will not let go
 		Driver: "nvidia", IOMMUGroup: 70, NUMANode: 1, RefuseUnbind: true,
 	})
 	n := newNode(t, spec)

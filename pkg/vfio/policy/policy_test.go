@@ -65,7 +65,7 @@ func node(t *testing.T, n vfiotest.Node, held ...string) policy.Node {
 		t.Fatal(err)
 	}
 	names := vfio.NewNames("")
-	model := func(d *vfio.Device) string { return vfio.ModelName(names.Name(d.Vendor, d.Device)) }
+	model := func(d *vfio.Device) string { return vfio.ModelName(names.Name(d.Vendor, d.DeviceID)) }
 	h := map[string]bool{}
 	for _, a := range held {
 		h[a] = true

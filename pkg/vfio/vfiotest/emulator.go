@@ -172,7 +172,7 @@ func (e *Emulator) matches(drv string, d *Device) bool {
 		return true
 	}
 	for _, id := range e.dynIDs[drv] {
-		if id[0] == d.Vendor && id[1] == d.Device {
+		if id[0] == d.Vendor && id[1] == d.DeviceID {
 			return true
 		}
 	}
@@ -316,7 +316,7 @@ func (e *Emulator) newID(drv, data string, add bool) {
 		}
 		e.dynIDs[drv] = append(ids, id)
 		for _, d := range e.t.node.Devices {
-			if d.Vendor == id[0] && d.Device == id[1] && e.t.driverOf(d.Address) == "" {
+			if d.Vendor == id[0] && d.DeviceID == id[1] && e.t.driverOf(d.Address) == "" {
 				if ov := e.override(d.Address); ov == "" || ov == drv {
 					e.fail(e.t.attach(d.Address, drv))
 				}

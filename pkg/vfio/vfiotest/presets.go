@@ -37,14 +37,14 @@ func HGXH100() Node {
 		numa := i / 4
 		port := fmt.Sprintf("0000:%s:00.0", busBefore(addr))
 		n.Devices = append(n.Devices,
-			Device{Address: port, Vendor: 0x1000, Device: 0xc030, Class: ClassBridge,
+			Device{Address: port, Vendor: 0x1000, DeviceID: 0xc030, Class: ClassBridge,
 				Driver: "pcieport", IOMMUGroup: 100 + i, NUMANode: numa},
-			Device{Address: addr, Vendor: VendorNVIDIA, Device: DeviceH100SXM, Class: Class3D,
+			Device{Address: addr, Vendor: VendorNVIDIA, DeviceID: DeviceH100SXM, Class: Class3D,
 				SubsystemVendor: VendorNVIDIA, SubsystemDevice: 0x16c1,
 				Driver: "nvidia", IOMMUGroup: 20 + i, NUMANode: numa, Parent: port})
 	}
 	for i, addr := range HGXH100NVSwitches {
-		n.Devices = append(n.Devices, Device{Address: addr, Vendor: VendorNVIDIA, Device: DeviceNVSwitch,
+		n.Devices = append(n.Devices, Device{Address: addr, Vendor: VendorNVIDIA, DeviceID: DeviceNVSwitch,
 			Class: ClassNVSwitch, SubsystemVendor: VendorNVIDIA, SubsystemDevice: 0x1796,
 			Driver: "nvidia", IOMMUGroup: 40 + i, NUMANode: 0})
 	}
@@ -65,9 +65,9 @@ func A10WithAudio() Node {
 	return Node{
 		Drivers: []string{"vfio-pci"},
 		Devices: []Device{
-			{Address: "0000:65:00.0", Vendor: VendorNVIDIA, Device: DeviceA10, Class: Class3D,
+			{Address: "0000:65:00.0", Vendor: VendorNVIDIA, DeviceID: DeviceA10, Class: Class3D,
 				SubsystemVendor: VendorNVIDIA, SubsystemDevice: 0x1482, Driver: "nvidia", IOMMUGroup: 21, NUMANode: 0},
-			{Address: "0000:65:00.1", Vendor: VendorNVIDIA, Device: DeviceA10Audio, Class: ClassAudio,
+			{Address: "0000:65:00.1", Vendor: VendorNVIDIA, DeviceID: DeviceA10Audio, Class: ClassAudio,
 				SubsystemVendor: VendorNVIDIA, SubsystemDevice: 0x1482, Driver: "snd_hda_intel", IOMMUGroup: 21, NUMANode: 0},
 		},
 	}
@@ -80,11 +80,11 @@ func GroupWithNIC() Node {
 	return Node{
 		Drivers: []string{"vfio-pci"},
 		Devices: []Device{
-			{Address: "0000:17:00.0", Vendor: VendorNVIDIA, Device: DeviceA10, Class: Class3D,
+			{Address: "0000:17:00.0", Vendor: VendorNVIDIA, DeviceID: DeviceA10, Class: Class3D,
 				SubsystemVendor: VendorNVIDIA, SubsystemDevice: 0x1482, Driver: "nvidia", IOMMUGroup: 30, NUMANode: 0},
-			{Address: "0000:18:00.0", Vendor: 0x8086, Device: 0x1572, Class: ClassEthernet,
+			{Address: "0000:18:00.0", Vendor: 0x8086, DeviceID: 0x1572, Class: ClassEthernet,
 				SubsystemVendor: 0x8086, SubsystemDevice: 0x0001, Driver: "i40e", IOMMUGroup: 30, NUMANode: 0},
-			{Address: "0000:65:00.0", Vendor: VendorNVIDIA, Device: DeviceA10, Class: Class3D,
+			{Address: "0000:65:00.0", Vendor: VendorNVIDIA, DeviceID: DeviceA10, Class: Class3D,
 				SubsystemVendor: VendorNVIDIA, SubsystemDevice: 0x1482, Driver: "nvidia", IOMMUGroup: 31, NUMANode: 0},
 		},
 	}
@@ -144,16 +144,16 @@ func TwoSocketL40S() Node {
 		// Upstream port two buses above the first GPU, a downstream port per GPU.
 		up := fmt.Sprintf("0000:%02x:00.0", bus-2)
 		numa := sw / 2
-		n.Devices = append(n.Devices, Device{Address: up, Vendor: 0x1000, Device: 0xc030, Class: ClassBridge,
+		n.Devices = append(n.Devices, Device{Address: up, Vendor: 0x1000, DeviceID: 0xc030, Class: ClassBridge,
 			Driver: "pcieport", IOMMUGroup: group, NUMANode: numa})
 		group++
 		for i := 0; i < 2; i++ {
 			addr := TwoSocketL40SGPUs[2*sw+i]
 			down := fmt.Sprintf("0000:%02x:%02x.0", bus-1, i)
 			n.Devices = append(n.Devices,
-				Device{Address: down, Vendor: 0x1000, Device: 0xc030, Class: ClassBridge,
+				Device{Address: down, Vendor: 0x1000, DeviceID: 0xc030, Class: ClassBridge,
 					Driver: "pcieport", IOMMUGroup: group, NUMANode: numa, Parent: up},
-				Device{Address: addr, Vendor: VendorNVIDIA, Device: DeviceL40S, Class: Class3D,
+				Device{Address: addr, Vendor: VendorNVIDIA, DeviceID: DeviceL40S, Class: Class3D,
 					SubsystemVendor: VendorNVIDIA, SubsystemDevice: 0x1851,
 					Driver: "nvidia", IOMMUGroup: group + 1, NUMANode: numa, Parent: down})
 			group += 2

@@ -18,7 +18,7 @@ type Device struct {
 	// Address in sysfs form, e.g. "0000:65:00.0".
 	Address         string
 	Vendor          uint16
-	Device          uint16
+	DeviceID        uint16
 	Class           uint32
 	SubsystemVendor uint16
 	SubsystemDevice uint16
@@ -311,12 +311,12 @@ func (t *Tree) addDevice(d Device) error {
 	}
 	attrs := map[string]string{
 		"vendor":           fmt.Sprintf("0x%04x\n", d.Vendor),
-		"device":           fmt.Sprintf("0x%04x\n", d.Device),
+		"device":           fmt.Sprintf("0x%04x\n", d.DeviceID),
 		"class":            fmt.Sprintf("0x%06x\n", d.Class),
 		"subsystem_vendor": fmt.Sprintf("0x%04x\n", d.SubsystemVendor),
 		"subsystem_device": fmt.Sprintf("0x%04x\n", d.SubsystemDevice),
 		"numa_node":        fmt.Sprintf("%d\n", d.NUMANode),
-		"modalias": fmt.Sprintf("pci:v%08Xd%08Xsv%08Xsd%08Xbc%02Xsc%02Xi%02X\n", d.Vendor, d.Device,
+		"modalias": fmt.Sprintf("pci:v%08Xd%08Xsv%08Xsd%08Xbc%02Xsc%02Xi%02X\n", d.Vendor, d.DeviceID,
 			d.SubsystemVendor, d.SubsystemDevice, d.Class>>16, (d.Class>>8)&0xff, d.Class&0xff),
 		"driver_override": "(null)\n",
 		"enable":          "1\n",
@@ -546,7 +546,7 @@ func (t *Tree) addNVIDIA(addr string) error {
 	}
 	info := fmt.Sprintf("Model: \t\t %04x:%04x\nIRQ:   \t\t 0\nGPU UUID: \t GPU-00000000-0000-0000-0000-%012d\n"+
 		"Bus Type: \t PCIe\nBus Location: \t %s\nDevice Minor: \t %d\nGPU Excluded:\t No\n",
-		d.Vendor, d.Device, minor, addr, minor)
+		d.Vendor, d.DeviceID, minor, addr, minor)
 	if err := writeFile(filepath.Join(dir, "information"), info, 0o444); err != nil {
 		return err
 	}
@@ -671,7 +671,7 @@ func resource(d Device) string {
 func config(d Device) []byte {
 	c := make([]byte, 64)
 	c[0], c[1] = byte(d.Vendor), byte(d.Vendor>>8)
-	c[2], c[3] = byte(d.Device), byte(d.Device>>8)
+	c[2], c[3] = byte(d.DeviceID), byte(d.DeviceID>>8)
 	c[9], c[10], c[11] = byte(d.Class), byte(d.Class>>8), byte(d.Class>>16)
 	c[44], c[45] = byte(d.SubsystemVendor), byte(d.SubsystemVendor>>8)
 	c[46], c[47] = byte(d.SubsystemDevice), byte(d.SubsystemDevice>>8)

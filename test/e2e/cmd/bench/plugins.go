@@ -40,9 +40,9 @@ func comparisonNode() vfiotest.Node {
 	for i, addr := range []string{"0000:18:00.0", "0000:2a:00.0"} {
 		port := []string{"0000:17:00.0", "0000:29:00.0"}[i]
 		n.Devices = append(n.Devices,
-			vfiotest.Device{Address: port, Vendor: 0x1000, Device: 0xc030, Class: vfiotest.ClassBridge,
+			vfiotest.Device{Address: port, Vendor: 0x1000, DeviceID: 0xc030, Class: vfiotest.ClassBridge,
 				Driver: "pcieport", IOMMUGroup: 100 + i},
-			vfiotest.Device{Address: addr, Vendor: vfiotest.VendorNVIDIA, Device: vfiotest.DeviceH100SXM,
+			vfiotest.Device{Address: addr, Vendor: vfiotest.VendorNVIDIA, DeviceID: vfiotest.DeviceH100SXM,
 				Class: vfiotest.Class3D, SubsystemVendor: vfiotest.VendorNVIDIA, SubsystemDevice: 0x16c1,
 				Driver: "nvidia", IOMMUGroup: 20 + i, Parent: port})
 	}
@@ -53,7 +53,7 @@ func comparisonNode() vfiotest.Node {
 		}
 	}
 	n.Devices = append(n.Devices, vfiotest.Device{Address: "0000:05:00.0", Vendor: vfiotest.VendorNVIDIA,
-		Device: vfiotest.DeviceNVSwitch, Class: vfiotest.ClassNVSwitch, SubsystemVendor: vfiotest.VendorNVIDIA,
+		DeviceID: vfiotest.DeviceNVSwitch, Class: vfiotest.ClassNVSwitch, SubsystemVendor: vfiotest.VendorNVIDIA,
 		SubsystemDevice: 0x1796, Driver: "nvidia", IOMMUGroup: 40})
 	return vfiotest.BoundToVFIO(n)
 }

@@ -63,9 +63,14 @@ func (n *namer) resource(p *vfio.Passthrough) string {
 	name, ok := n.models[id]
 	if !ok {
 		if n.names == nil {
-			n.names = vfio.NewNames(n.pciIDs)
+			// Checked readable at start; gone since, it names nothing.
+			n.names, _ = vfio.NewNames(n.pciIDs)
 		}
-		name = resourceName(n.names.Name(id[0], id[1]), id[1], p.Role)
+		pciName := ""
+		if n.names != nil {
+			pciName = n.names.Name(id[0], id[1])
+		}
+		name = resourceName(pciName, id[1], p.Role)
 		n.models[id] = name
 	}
 	return ResourceVendor + "/" + name

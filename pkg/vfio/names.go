@@ -35,9 +35,18 @@ type Names struct {
 }
 
 // NewNames returns a lookup on the pci.ids file at path, or when path is ""
-// on go-nvlib's copy.
-func NewNames(path string) *Names {
-	return &Names{path: path, vendors: map[uint16]pciids.Interface{}}
+// on go-nvlib's copy. A path that cannot be read is an error, not a
+// database that knows no names. The file is read again for each vendor
+// looked up; should it go away later, its vendors have no names.
+func NewNames(path string) (*Names, error) {
+	if path != "" {
+		f, err := os.Open(path)
+		if err != nil {
+			return nil, fmt.Errorf("pci.ids: %w", err)
+		}
+		f.Close()
+	}
+	return &Names{path: path, vendors: map[uint16]pciids.Interface{}}, nil
 }
 
 // Name returns the device's pci.ids name (e.g. "GH100 [H100 SXM5 80GB]"),

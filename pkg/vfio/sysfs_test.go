@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/NVIDIA/go-nvlib/pkg/nvpci"
@@ -50,7 +51,7 @@ func TestDevicesMatchNVPCI(t *testing.T) {
 	if len(got) != len(want) {
 		t.Fatalf("pkg/vfio read %d devices, nvpci %d", len(got), len(want))
 	}
-	names := vfio.NewNames("")
+	names, _ := vfio.NewNames("")
 	for i, w := range want {
 		g := got[i]
 		pf := ""
@@ -119,7 +120,11 @@ func TestDevicesOnFakeTree(t *testing.T) {
 	if *gpu != want {
 		t.Errorf("read %+v\nwant %+v", *gpu, want)
 	}
-	if n := vfio.NewNames("").Name(gpu.Vendor, gpu.DeviceID); n != "GH100 [H100 SXM5 80GB]" {
+	names, err := vfio.NewNames("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := names.Name(gpu.Vendor, gpu.DeviceID); n != "GH100 [H100 SXM5 80GB]" {
 		t.Errorf("name = %q", n)
 	}
 	if c, _ := vfio.NewSysfs(tree.SysfsRoot).IOMMUGroupCount(); c != 20 {
@@ -150,5 +155,14 @@ func TestDevicesSkipsBrokenDevice(t *testing.T) {
 	}
 	if _, err := s.Device("0000:99:00.0"); !errors.Is(err, vfio.ErrDeviceNotFound) {
 		t.Errorf("unknown device error = %v", err)
+	}
+}
+
+// A pci.ids the caller names and that cannot be read is an error, not a
+// database without names (every resource would be named by device id).
+func TestNewNamesUnreadable(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "pci.ids")
+	if _, err := vfio.NewNames(missing); err == nil || !strings.Contains(err.Error(), missing) {
+		t.Errorf("NewNames(%s) = %v; want an error naming the file", missing, err)
 	}
 }

@@ -64,7 +64,7 @@ func node(t *testing.T, n vfiotest.Node, held ...string) policy.Node {
 	if err != nil {
 		t.Fatal(err)
 	}
-	names := vfio.NewNames("")
+	names, _ := vfio.NewNames("")
 	model := func(d *vfio.Device) string { return vfio.ModelName(names.Name(d.Vendor, d.DeviceID)) }
 	h := map[string]bool{}
 	for _, a := range held {

@@ -202,7 +202,7 @@ func (a *agent) reconcile(ctx context.Context, d declared) (r reconciled) {
 		r.err = err
 		return r
 	}
-	all, err := vfio.NewPlan(devices, a.sel, nil)
+	all, err := vfio.NewPlanAll(devices, a.sel)
 	if err != nil {
 		r.err = err
 		return r

@@ -131,7 +131,11 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.LoadModules {
 		opts = append(opts, vfio.WithModuleLoader(modprobe.New(cfg.HostRoot)))
 	}
-	a := &agent{cfg: cfg, log: cfg.Log, m: vfio.NewManager(opts...), sel: sel, names: vfio.NewNames(cfg.PCIIDs)}
+	names, err := vfio.NewNames(cfg.PCIIDs)
+	if err != nil {
+		return cli.Usagef("--pci-ids: %v", err)
+	}
+	a := &agent{cfg: cfg, log: cfg.Log, m: vfio.NewManager(opts...), sel: sel, names: names}
 	if cfg.NodePolicy && (cfg.Command == "run" || cfg.Command == "status") {
 		if cfg.NodeName == "" {
 			return cli.Usagef("--node-policy needs the node's name: --node-name or NODE_NAME (the downward API's spec.nodeName)")
@@ -149,11 +153,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.Command == "run" {
 		return a.run(ctx)
 	}
-	var addresses []string
-	if len(cfg.DeviceIDs) > 0 {
-		addresses = cfg.DeviceIDs
-	}
-	plan, err := a.plan(addresses)
+	plan, err := a.plan(cfg.DeviceIDs)
 	if err != nil {
 		return err
 	}
@@ -204,7 +204,12 @@ func (a *agent) plan(addresses []string) (*vfio.Plan, error) {
 	if err != nil {
 		return nil, err
 	}
-	plan, err := vfio.NewPlan(devices, a.sel, addresses)
+	var plan *vfio.Plan
+	if len(addresses) == 0 { // --all, or status
+		plan, err = vfio.NewPlanAll(devices, a.sel)
+	} else {
+		plan, err = vfio.NewPlan(devices, a.sel, addresses)
+	}
 	if err != nil {
 		if errors.Is(err, vfio.ErrInvalidAddress) || errors.Is(err, vfio.ErrDeviceNotFound) || errors.Is(err, vfio.ErrNotSelected) {
 			return nil, &cli.UsageError{Err: err}

@@ -26,7 +26,7 @@ func Example() {
 	)
 	devices, _ := m.Sysfs().Devices()
 	sel, _ := vfio.ParseSelector(vfio.DefaultSelect, false)
-	plan, _ := vfio.NewPlan(devices, sel, nil)
+	plan, _ := vfio.NewPlanAll(devices, sel)
 
 	res, err := m.Bind(context.Background(), plan)
 	if err != nil {

@@ -49,7 +49,10 @@ func (f *fixture) plan(t *testing.T, list string, nvswitches bool, addresses []s
 	if err != nil {
 		t.Fatal(err)
 	}
-	p, err := vfio.NewPlan(devices, sel, addresses)
+	p, err := vfio.NewPlanAll(devices, sel)
+	if addresses != nil {
+		p, err = vfio.NewPlan(devices, sel, addresses)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -40,21 +40,31 @@ func (p *Plan) Members() []Member {
 	return ms
 }
 
-// NewPlan selects devices and gathers their IOMMU groups. With addresses
-// given, only those devices are selected, and each must exist
-// (ErrDeviceNotFound) and match sel (ErrNotSelected).
+// NewPlan selects the devices at addresses and gathers their IOMMU groups.
+// Each must exist (ErrDeviceNotFound) and match sel (ErrNotSelected). No
+// addresses (nil or empty) make an empty plan; NewPlanAll plans every
+// device sel selects.
 //
 // The other endpoint functions of a selected device's group come along as
 // companions when they are functions of the same card (same slot), have no
 // driver, or are held by a vfio driver already. One that is bound to another
 // host driver makes the group not viable: the group's Err names both devices.
 func NewPlan(devices []*Device, sel Selector, addresses []string) (*Plan, error) {
+	return newPlan(devices, sel, addresses, false)
+}
+
+// NewPlanAll is NewPlan for every device among devices that sel selects.
+func NewPlanAll(devices []*Device, sel Selector) (*Plan, error) {
+	return newPlan(devices, sel, nil, true)
+}
+
+func newPlan(devices []*Device, sel Selector, addresses []string, all bool) (*Plan, error) {
 	byAddr := make(map[string]*Device, len(devices))
 	for _, d := range devices {
 		byAddr[d.Address] = d
 	}
 	selected := map[string]Role{}
-	if addresses != nil {
+	if !all {
 		for _, a := range addresses {
 			addr, err := ParseAddress(a)
 			if err != nil {

@@ -155,6 +155,9 @@ func newPlugin(cfg Config) (*plugin, error) {
 	if err != nil {
 		return nil, &cli.UsageError{Err: err}
 	}
+	if _, err := vfio.NewNames(cfg.PCIIDs); err != nil {
+		return nil, cli.Usagef("--pci-ids: %v", err)
+	}
 	w, err := cdi.NewWriter(cfg.CDIRoot)
 	if err != nil {
 		return nil, err
@@ -491,8 +494,8 @@ func (p *plugin) publish(ctx context.Context, mode vfio.Mode, resources map[stri
 			continue
 		}
 		good = good || d.Healthy && !was
-		early[d.Resource] = append(early[d.Resource], deviceplugin.Device{ID: id, Healthy: d.Healthy && was, NUMANode: d.NUMA})
-		final[d.Resource] = append(final[d.Resource], deviceplugin.Device{ID: id, Healthy: d.Healthy, NUMANode: d.NUMA})
+		early[d.Resource] = append(early[d.Resource], deviceplugin.Device{ID: id, Healthy: d.Healthy && was, NUMANodes: numaNodes(d.NUMA)})
+		final[d.Resource] = append(final[d.Resource], deviceplugin.Device{ID: id, Healthy: d.Healthy, NUMANodes: numaNodes(d.NUMA)})
 	}
 	good = good && writeSpecs
 	if !good {
@@ -548,6 +551,14 @@ func (p *plugin) foreignClaims(found []*vfio.Passthrough) map[string]assignment 
 		}
 	}
 	return foreign(assigned, resources, found)
+}
+
+// numaNodes is the topology of a device on NUMA node n, -1 for none.
+func numaNodes(n int) []int {
+	if n < 0 {
+		return nil
+	}
+	return []int{n}
 }
 
 // hostPath is where a device node (/dev/vfio/22) is under --dev-root.
@@ -635,7 +646,7 @@ func (p *plugin) onEvent(e deviceplugin.Event) {
 // writeSpecs writes one spec per resource and the nvidia.com/pgpu spec,
 // from the devices vfio holds whole, and removes specs left without devices.
 func (p *plugin) writeSpecs(snap *snapshot) {
-	opts := cdi.SpecOptions{Mode: snap.mode, Sysfs: p.sysfs, ByGroup: true}
+	opts := cdi.SpecOptions{NodeOptions: cdi.NodeOptions{Mode: snap.mode, Sysfs: p.sysfs}, ByGroup: true}
 	want := map[string][]*vfio.Passthrough{}
 	var all []*vfio.Passthrough
 	for _, d := range snap.devices {
@@ -650,7 +661,7 @@ func (p *plugin) writeSpecs(snap *snapshot) {
 		spec, err := cdi.NewSpec(kind, want[kind], opts)
 		p.write(kind, spec, err)
 	}
-	spec, err := cdi.NewPassthroughSpec(all, opts)
+	spec, err := cdi.NewPassthroughSpec(all, opts.NodeOptions)
 	if errors.Is(err, cdi.ErrNoDevices) {
 		spec, err = nil, nil
 	}

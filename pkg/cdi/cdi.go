@@ -35,14 +35,20 @@ const (
 // specification does not allow an empty one.
 var ErrNoDevices = errors.New("no devices")
 
-// SpecOptions tune NewSpec. The zero value gives a legacy-mode spec naming
-// devices by address, without device numbers.
-type SpecOptions struct {
+// NodeOptions say how a spec's device nodes are written. The zero value
+// gives legacy-mode nodes without device numbers.
+type NodeOptions struct {
 	// Mode selects the device nodes. Zero: vfio.ModeLegacy.
 	Mode vfio.Mode
 	// Sysfs is read for the nodes' device numbers. Nil: paths only, and the
 	// runtime stats the nodes.
 	Sysfs *vfio.Sysfs
+}
+
+// SpecOptions tune NewSpec. The zero value gives a legacy-mode spec naming
+// devices by address, without device numbers.
+type SpecOptions struct {
+	NodeOptions
 	// ByIndex also names the devices 0, 1, ... in address order.
 	ByIndex bool
 	// ByGroup also names each device by its IOMMU group number and by the
@@ -239,17 +245,15 @@ func (w *Writer) Remove(kind string) error {
 }
 
 // NewPassthroughSpec builds the nvidia.com/pgpu spec: every GPU among
-// devices that vfio holds whole, by index, by address and by IOMMU group
-// (ByGroup). The device plugin
-// and kata-manager both write it with this function, so that they write the
-// same bytes.
-func NewPassthroughSpec(devices []*vfio.Passthrough, opts SpecOptions) (*specs.Spec, error) {
+// devices that vfio holds whole, named by index, by address and by IOMMU
+// group (NewSpec with ByIndex and ByGroup): the names the GPU Operator's
+// pods use. Whoever writes the spec writes these bytes.
+func NewPassthroughSpec(devices []*vfio.Passthrough, opts NodeOptions) (*specs.Spec, error) {
 	var gpus []*vfio.Passthrough
 	for _, p := range devices {
 		if p.Role == vfio.RoleGPU && p.Ready() {
 			gpus = append(gpus, p)
 		}
 	}
-	opts.ByIndex, opts.ByGroup = true, true
-	return NewSpec(PassthroughKind, gpus, opts)
+	return NewSpec(PassthroughKind, gpus, SpecOptions{NodeOptions: opts, ByIndex: true, ByGroup: true})
 }

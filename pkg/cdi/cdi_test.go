@@ -27,7 +27,7 @@ func boundNode(t *testing.T, n vfiotest.Node) (*vfio.Sysfs, []*vfio.Passthrough)
 		vfio.WithHostRoot(tree.HostRoot), vfio.WithStateDir(t.TempDir()), vfio.WithTimeout(2*time.Second))
 	devices, _ := m.Sysfs().Devices()
 	sel, _ := vfio.ParseSelector("", false)
-	plan, _ := vfio.NewPlan(devices, sel, nil)
+	plan, _ := vfio.NewPlanAll(devices, sel)
 	res, err := m.Bind(context.Background(), plan)
 	if err != nil || res.Err() != nil {
 		t.Fatalf("bind: %v %v", err, res.Err())
@@ -38,7 +38,7 @@ func boundNode(t *testing.T, n vfiotest.Node) (*vfio.Sysfs, []*vfio.Passthrough)
 
 func TestPassthroughSpecLegacy(t *testing.T) {
 	sysfs, devices := boundNode(t, vfiotest.HGXH100())
-	spec, err := cdi.NewSpec(cdi.PassthroughKind, devices, cdi.SpecOptions{Sysfs: sysfs, ByIndex: true})
+	spec, err := cdi.NewSpec(cdi.PassthroughKind, devices, cdi.SpecOptions{NodeOptions: cdi.NodeOptions{Sysfs: sysfs}, ByIndex: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -68,7 +68,7 @@ func TestSpecIOMMUFD(t *testing.T) {
 	n := vfiotest.A10WithAudio()
 	n.CDev = true
 	sysfs, devices := boundNode(t, n)
-	spec, err := cdi.NewSpec("nvidia.com/GA102GL_A10", devices, cdi.SpecOptions{Mode: vfio.ModeIOMMUFD, Sysfs: sysfs})
+	spec, err := cdi.NewSpec("nvidia.com/GA102GL_A10", devices, cdi.SpecOptions{NodeOptions: cdi.NodeOptions{Mode: vfio.ModeIOMMUFD, Sysfs: sysfs}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -94,7 +94,7 @@ func TestSpecIOMMUFD(t *testing.T) {
 
 	// Without cdevs, iommufd mode cannot be had.
 	_, legacy := boundNode(t, vfiotest.A10WithAudio())
-	if _, err := cdi.NewSpec(cdi.PassthroughKind, legacy, cdi.SpecOptions{Mode: vfio.ModeIOMMUFD}); !errors.Is(err, vfio.ErrNoCDev) {
+	if _, err := cdi.NewSpec(cdi.PassthroughKind, legacy, cdi.SpecOptions{NodeOptions: cdi.NodeOptions{Mode: vfio.ModeIOMMUFD}}); !errors.Is(err, vfio.ErrNoCDev) {
 		t.Errorf("error %v; want ErrNoCDev", err)
 	}
 	if _, err := cdi.NewSpec(cdi.PassthroughKind, nil, cdi.SpecOptions{}); !errors.Is(err, cdi.ErrNoDevices) {
@@ -109,7 +109,7 @@ func TestWriterWritesOnlyChangesAndInjects(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	spec, err := cdi.NewSpec(cdi.PassthroughKind, devices, cdi.SpecOptions{Sysfs: sysfs, ByIndex: true})
+	spec, err := cdi.NewSpec(cdi.PassthroughKind, devices, cdi.SpecOptions{NodeOptions: cdi.NodeOptions{Sysfs: sysfs}, ByIndex: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,7 +124,7 @@ func TestWriterWritesOnlyChangesAndInjects(t *testing.T) {
 	if err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("spec file: %v, %v", fi, err)
 	}
-	again, _ := cdi.NewSpec(cdi.PassthroughKind, devices, cdi.SpecOptions{Sysfs: sysfs, ByIndex: true})
+	again, _ := cdi.NewSpec(cdi.PassthroughKind, devices, cdi.SpecOptions{NodeOptions: cdi.NodeOptions{Sysfs: sysfs}, ByIndex: true})
 	if wrote, err := w.Write(again); wrote || err != nil {
 		t.Errorf("rewrite of the same spec: wrote %v, %v", wrote, err)
 	}

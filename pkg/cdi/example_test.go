@@ -18,7 +18,7 @@ func Example() {
 	devices, _ := sysfs.Devices()
 	sel, _ := vfio.ParseSelector(vfio.DefaultSelect, false)
 
-	spec, err := cdi.NewPassthroughSpec(vfio.FindPassthrough(devices, sel), cdi.SpecOptions{Sysfs: sysfs})
+	spec, err := cdi.NewPassthroughSpec(vfio.FindPassthrough(devices, sel), cdi.NodeOptions{Sysfs: sysfs})
 	if err != nil {
 		fmt.Println(err)
 		return

@@ -27,7 +27,7 @@ func FuzzSpec(f *testing.F) {
 		if iommufd {
 			mode = vfio.ModeIOMMUFD
 		}
-		spec, err := cdi.NewPassthroughSpec(devices, cdi.SpecOptions{Mode: mode})
+		spec, err := cdi.NewPassthroughSpec(devices, cdi.NodeOptions{Mode: mode})
 		if err != nil {
 			t.Fatal(err)
 		}

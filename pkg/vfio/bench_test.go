@@ -47,7 +47,7 @@ func BenchmarkDiscovery(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				if _, err := cdi.NewPassthroughSpec(vfio.FindPassthrough(devices, sel), cdi.SpecOptions{Sysfs: s}); err != nil {
+				if _, err := cdi.NewPassthroughSpec(vfio.FindPassthrough(devices, sel), cdi.NodeOptions{Sysfs: s}); err != nil {
 					b.Fatal(err)
 				}
 			}

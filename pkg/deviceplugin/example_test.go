@@ -27,7 +27,7 @@ func Example() {
 	defer os.RemoveAll(dir)
 
 	s := deviceplugin.New("example.com/thing", envAllocator{}, deviceplugin.WithDir(dir))
-	s.SetDevices([]deviceplugin.Device{{ID: "thing-0", Healthy: true, NUMANode: 0}, {ID: "thing-1", NUMANode: -1}})
+	s.SetDevices([]deviceplugin.Device{{ID: "thing-0", Healthy: true, NUMANodes: []int{0}}, {ID: "thing-1"}})
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
 	done := make(chan error)

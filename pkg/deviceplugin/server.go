@@ -31,8 +31,9 @@ const DefaultDir = pluginapi.DevicePluginPath
 type Device struct {
 	ID      string
 	Healthy bool
-	// NUMANode is the node the device is attached to; -1 for none.
-	NUMANode int
+	// NUMANodes are the NUMA nodes the device is attached to; nil (the
+	// zero value) for none: no topology hint.
+	NUMANodes []int
 }
 
 // Allocator decides what a container gets for a set of devices. The Server
@@ -164,8 +165,11 @@ func (s *Server) SetDevices(devices []Device) {
 			health = pluginapi.Healthy
 		}
 		pd := &pluginapi.Device{ID: d.ID, Health: health}
-		if d.NUMANode >= 0 {
-			pd.Topology = &pluginapi.TopologyInfo{Nodes: []*pluginapi.NUMANode{{ID: int64(d.NUMANode)}}}
+		if len(d.NUMANodes) > 0 {
+			pd.Topology = &pluginapi.TopologyInfo{}
+			for _, n := range d.NUMANodes {
+				pd.Topology.Nodes = append(pd.Topology.Nodes, &pluginapi.NUMANode{ID: int64(n)})
+			}
 		}
 		list[i] = pd
 	}
@@ -221,7 +225,7 @@ func sameDevice(a, b *pluginapi.Device) bool {
 	if a.ID != b.ID || a.Health != b.Health || (a.Topology == nil) != (b.Topology == nil) {
 		return false
 	}
-	return a.Topology == nil || a.Topology.Nodes[0].ID == b.Topology.Nodes[0].ID
+	return a.Topology == nil || slices.EqualFunc(a.Topology.Nodes, b.Topology.Nodes, func(x, y *pluginapi.NUMANode) bool { return x.ID == y.ID })
 }
 
 // snapshot returns the current list and the channel that closes when it changes.

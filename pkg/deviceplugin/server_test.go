@@ -84,8 +84,8 @@ func TestRegisterListAndWatchAllocate(t *testing.T) {
 	s := deviceplugin.New("nvidia.com/GA102GL_A10", allocator{}, deviceplugin.WithDir(dir),
 		deviceplugin.WithPreferrer(preferFirst{}))
 	s.SetDevices([]deviceplugin.Device{
-		{ID: "0000:65:00.0", Healthy: true, NUMANode: 0},
-		{ID: "0000:17:00.0", Healthy: true, NUMANode: -1},
+		{ID: "0000:65:00.0", Healthy: true, NUMANodes: []int{0}},
+		{ID: "0000:17:00.0", Healthy: true},
 	})
 	runServer(t, s)
 	r := waitRegistrations(k, 1)
@@ -113,12 +113,12 @@ func TestRegisterListAndWatchAllocate(t *testing.T) {
 
 	// A health change reaches the stream; setting the same list again sends nothing.
 	s.SetDevices([]deviceplugin.Device{
-		{ID: "0000:65:00.0", Healthy: false, NUMANode: 0},
-		{ID: "0000:17:00.0", Healthy: true, NUMANode: -1},
+		{ID: "0000:65:00.0", Healthy: false, NUMANodes: []int{0}},
+		{ID: "0000:17:00.0", Healthy: true},
 	})
 	s.SetDevices([]deviceplugin.Device{
-		{ID: "0000:17:00.0", Healthy: true, NUMANode: -1},
-		{ID: "0000:65:00.0", Healthy: false, NUMANode: 0},
+		{ID: "0000:17:00.0", Healthy: true},
+		{ID: "0000:65:00.0", Healthy: false, NUMANodes: []int{0}},
 	})
 	second, err := stream.Recv()
 	if err != nil {

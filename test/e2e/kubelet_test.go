@@ -291,7 +291,7 @@ func TestUpgradeFromGroupIDsKeepsTheVMsGPU(t *testing.T) {
 	// NVIDIA's plugin, and a VM pod given one GPU by group number.
 	var devices []deviceplugin.Device
 	for i := range vfiotest.HGXH100GPUs {
-		devices = append(devices, deviceplugin.Device{ID: strconv.Itoa(20 + i), Healthy: true, NUMANode: i / 4})
+		devices = append(devices, deviceplugin.Device{ID: strconv.Itoa(20 + i), Healthy: true, NUMANodes: []int{i / 4}})
 	}
 	old := deviceplugin.New(gpu, groupIDPlugin{}, deviceplugin.WithDir(pluginDir), deviceplugin.WithSocketName("nvidia-gpu.sock"))
 	old.SetDevices(devices)

@@ -35,7 +35,7 @@ func Example() {
 	defer k.Stop()
 
 	s := deviceplugin.New("example.com/thing", none{}, deviceplugin.WithDir(dir))
-	s.SetDevices([]deviceplugin.Device{{ID: "a", Healthy: true, NUMANode: -1}})
+	s.SetDevices([]deviceplugin.Device{{ID: "a", Healthy: true}})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error)
 	go func() { done <- s.Run(ctx) }()

@@ -632,14 +632,18 @@ func (p *plugin) onEvent(e deviceplugin.Event) {
 		case p.registered <- struct{}{}:
 		default:
 		}
-	case deviceplugin.EventRegisterFailed, deviceplugin.EventServeFailed:
-		entry.WithError(e.Err).Warnf("%s; retrying", e.Type)
+	case deviceplugin.EventRegisterFailed:
+		entry.WithError(e.Err).Warn("registration failed; retrying")
+	case deviceplugin.EventServeFailed:
+		entry.WithError(e.Err).Warn("serving failed; retrying")
 	case deviceplugin.EventWaitingForKubelet:
 		entry.Info("waiting for the kubelet's socket")
-	case deviceplugin.EventKubeletRestarted, deviceplugin.EventSocketRemoved:
-		entry.Infof("%s; registering again", e.Type)
+	case deviceplugin.EventKubeletRestarted:
+		entry.Info("the kubelet restarted; registering again")
+	case deviceplugin.EventSocketRemoved:
+		entry.Info("our socket was removed; registering again")
 	default:
-		entry.Debug(e.Type)
+		entry.WithField("event", e.Type).Debug("device plugin event")
 	}
 }
 

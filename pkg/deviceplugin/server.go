@@ -47,18 +47,19 @@ type Preferrer interface {
 	Preferred(available, mustInclude []string, size int) []string
 }
 
-// EventType says what happened in a Server's life.
+// EventType says what happened in a Server's life. Its values are
+// snake_case words, usable as they are as a metric label or a log field.
 type EventType string
 
 // Events reported to an event handler.
 const (
 	EventServing           EventType = "serving"             // a fresh socket is listening
 	EventRegistered        EventType = "registered"          // the kubelet accepted the registration
-	EventRegisterFailed    EventType = "register failed"     // Err says why; retried
-	EventWaitingForKubelet EventType = "waiting for kubelet" // kubelet.sock is absent
-	EventKubeletRestarted  EventType = "kubelet restarted"   // kubelet.sock was re-created
-	EventSocketRemoved     EventType = "socket removed"      // someone removed our socket
-	EventServeFailed       EventType = "serve failed"        // Err says why; restarted
+	EventRegisterFailed    EventType = "register_failed"     // Err says why; retried
+	EventWaitingForKubelet EventType = "waiting_for_kubelet" // kubelet.sock is absent
+	EventKubeletRestarted  EventType = "kubelet_restarted"   // kubelet.sock was re-created
+	EventSocketRemoved     EventType = "socket_removed"      // someone removed our socket
+	EventServeFailed       EventType = "serve_failed"        // Err says why; restarted
 	EventStopped           EventType = "stopped"
 )
 

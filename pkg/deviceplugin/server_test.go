@@ -275,3 +275,17 @@ func TestLongResourceNameGetsAShortSocket(t *testing.T) {
 		t.Error("two long resources share a socket name")
 	}
 }
+
+// Event types go into metric labels and log fields as they are.
+func TestEventTypesAreLabelValues(t *testing.T) {
+	for _, e := range []deviceplugin.EventType{deviceplugin.EventServing, deviceplugin.EventRegistered,
+		deviceplugin.EventRegisterFailed, deviceplugin.EventWaitingForKubelet, deviceplugin.EventKubeletRestarted,
+		deviceplugin.EventSocketRemoved, deviceplugin.EventServeFailed, deviceplugin.EventStopped} {
+		for _, r := range e {
+			if (r < 'a' || r > 'z') && r != '_' {
+				t.Errorf("event type %q: not snake_case", e)
+				break
+			}
+		}
+	}
+}

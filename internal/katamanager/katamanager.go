@@ -35,7 +35,7 @@ import (
 // Defaults of the agent.
 const (
 	DefaultReconcileInterval = 5 * time.Minute
-	DefaultRestartTimeout    = time.Minute
+	DefaultRestartTimeout    = containerd.DefaultRestartTimeout
 	PIDFile                  = "k8s-kata-manager.pid"
 
 	// restartRetryInterval bounds the wait before a failed containerd
@@ -170,7 +170,7 @@ func newAgent(cfg Config) (*agent, error) {
 	a := &agent{
 		cfg: cfg, log: cfg.Log, file: file,
 		editor:    containerd.NewEditor(cfg.ContainerdConfig, cfg.ContainerdDropIn),
-		restarter: containerd.NewRestarter(mode, cfg.ContainerdSocket, cfg.HostRoot, cfg.RestartTimeout),
+		restarter: containerd.NewRestarter(mode, cfg.ContainerdSocket, containerd.WithHostRoot(cfg.HostRoot), containerd.WithTimeout(cfg.RestartTimeout)),
 		failures:  map[string]int{},
 		retryAt:   map[string]time.Time{},
 	}

@@ -58,11 +58,29 @@ type Restarter struct {
 	timeout  time.Duration
 }
 
-// NewRestarter restarts the containerd serving socket, by mode; hostRoot is
-// where the host's file system is mounted ("/" on the host). timeout bounds
-// the wait for containerd to answer again.
-func NewRestarter(mode RestartMode, socket, hostRoot string, timeout time.Duration) *Restarter {
-	return &Restarter{mode: mode, socket: socket, hostRoot: hostRoot, timeout: timeout}
+// DefaultRestartTimeout bounds the wait for containerd to answer after a
+// restart, unless WithTimeout says otherwise.
+const DefaultRestartTimeout = time.Minute
+
+// RestartOption tunes a Restarter.
+type RestartOption func(*Restarter)
+
+// WithHostRoot is where the host's file system is mounted, for systemctl
+// and the node's containerd binary. Default: "/", the agent runs on the
+// host's.
+func WithHostRoot(root string) RestartOption { return func(r *Restarter) { r.hostRoot = root } }
+
+// WithTimeout bounds the wait for containerd to answer again. Default:
+// DefaultRestartTimeout.
+func WithTimeout(d time.Duration) RestartOption { return func(r *Restarter) { r.timeout = d } }
+
+// NewRestarter restarts the containerd serving socket, by mode.
+func NewRestarter(mode RestartMode, socket string, opts ...RestartOption) *Restarter {
+	r := &Restarter{mode: mode, socket: socket, hostRoot: "/", timeout: DefaultRestartTimeout}
+	for _, o := range opts {
+		o(r)
+	}
+	return r
 }
 
 // Restart restarts containerd and waits until it answers. It reports false,

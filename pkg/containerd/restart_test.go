@@ -45,7 +45,7 @@ func serveHealth(t *testing.T, status healthpb.HealthCheckResponse_ServingStatus
 
 func TestWaitReady(t *testing.T) {
 	socket := serveHealth(t, healthpb.HealthCheckResponse_SERVING)
-	if err := NewRestarter(RestartNone, socket, "/", time.Second).WaitReady(context.Background()); err != nil {
+	if err := NewRestarter(RestartNone, socket, WithTimeout(time.Second)).WaitReady(context.Background()); err != nil {
 		t.Fatalf("serving containerd: %v", err)
 	}
 }
@@ -56,7 +56,7 @@ func TestWaitReadyNotAnswering(t *testing.T) {
 		"not serving": serveHealth(t, healthpb.HealthCheckResponse_NOT_SERVING),
 	} {
 		t.Run(name, func(t *testing.T) {
-			err := NewRestarter(RestartSignal, socket, "/", 100*time.Millisecond).WaitReady(context.Background())
+			err := NewRestarter(RestartSignal, socket, WithTimeout(100*time.Millisecond)).WaitReady(context.Background())
 			if !errors.Is(err, ErrNotAnswering) || !strings.Contains(err.Error(), socket) {
 				t.Fatalf("WaitReady = %v, want ErrNotAnswering naming %s", err, socket)
 			}
@@ -69,14 +69,14 @@ func TestWaitReadyNotAnswering(t *testing.T) {
 // failure that names the socket, never a restart that happened.
 func TestRestartWithNothingToRestart(t *testing.T) {
 	socket := filepath.Join(t.TempDir(), "containerd.sock")
-	if restarted, err := NewRestarter(RestartNone, socket, "/", time.Second).Restart(context.Background()); restarted || err != nil {
+	if restarted, err := NewRestarter(RestartNone, socket, WithTimeout(time.Second)).Restart(context.Background()); restarted || err != nil {
 		t.Errorf("none: Restart = %v, %v; want false, nil", restarted, err)
 	}
-	restarted, err := NewRestarter(RestartSignal, socket, "/", time.Second).Restart(context.Background())
+	restarted, err := NewRestarter(RestartSignal, socket, WithTimeout(time.Second)).Restart(context.Background())
 	if restarted || !errors.Is(err, ErrNotReachable) || !strings.Contains(err.Error(), socket) {
 		t.Errorf("signal: Restart = %v, %v; want ErrNotReachable naming %s", restarted, err, socket)
 	}
-	if _, err := NewRestarter("reboot", socket, "/", time.Second).Restart(context.Background()); err == nil {
+	if _, err := NewRestarter("reboot", socket, WithTimeout(time.Second)).Restart(context.Background()); err == nil {
 		t.Error("unknown mode: no error")
 	}
 }
@@ -85,7 +85,7 @@ func TestRestartWithNothingToRestart(t *testing.T) {
 // stamp: here the process is the test itself.
 func TestLoaded(t *testing.T) {
 	socket := filepath.Join(t.TempDir(), "containerd.sock")
-	r := NewRestarter(RestartSignal, socket, "/", time.Second)
+	r := NewRestarter(RestartSignal, socket, WithTimeout(time.Second))
 	if _, err := r.Loaded(*now()); !errors.Is(err, ErrNotReachable) {
 		t.Fatalf("nothing on the socket: %v; want ErrNotReachable", err)
 	}

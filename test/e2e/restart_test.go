@@ -54,7 +54,7 @@ func TestRestartSystemd(t *testing.T) {
 			if err := os.WriteFile(filepath.Join(host, "usr", "bin", "systemctl"), []byte("#!/bin/busybox sh\n"+tc.script+"\n"), 0o755); err != nil {
 				t.Fatal(err)
 			}
-			restarted, err := containerd.NewRestarter(containerd.RestartSystemd, socket, host, 5*time.Second).Restart(context.Background())
+			restarted, err := containerd.NewRestarter(containerd.RestartSystemd, socket, containerd.WithHostRoot(host), containerd.WithTimeout(5*time.Second)).Restart(context.Background())
 			if tc.wantErr != "" {
 				if restarted || err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("Restart = %v, %v; want an error with %q", restarted, err, tc.wantErr)
@@ -84,11 +84,11 @@ func TestReleaseFromTheDaemon(t *testing.T) {
 	os.WriteFile(main, []byte(testbed.ContainerdBase(dir)), 0o644)
 	socket := filepath.Join(dir, "containerd.sock")
 	testbed.StartContainerd(t, main, socket)
-	r, err := containerd.NewRestarter(containerd.RestartNone, socket, "/", time.Second).Release(context.Background())
+	r, err := containerd.NewRestarter(containerd.RestartNone, socket, containerd.WithTimeout(time.Second)).Release(context.Background())
 	if err != nil || r != containerd.Release16 {
 		t.Errorf("Release = %v, %v; want Debian's 1.6", r, err)
 	}
-	if _, err := containerd.NewRestarter(containerd.RestartNone, filepath.Join(dir, "none.sock"), "/", time.Second).Release(context.Background()); err == nil {
+	if _, err := containerd.NewRestarter(containerd.RestartNone, filepath.Join(dir, "none.sock"), containerd.WithTimeout(time.Second)).Release(context.Background()); err == nil {
 		t.Error("a release from a socket nobody serves")
 	}
 }
@@ -100,7 +100,7 @@ func TestCheckWithTheNodesContainerd(t *testing.T) {
 	dir := t.TempDir()
 	main := filepath.Join(dir, "config.toml")
 	os.WriteFile(main, []byte(testbed.ContainerdBase(dir)), 0o644)
-	r := containerd.NewRestarter(containerd.RestartSignal, filepath.Join(dir, "c.sock"), "/", time.Second)
+	r := containerd.NewRestarter(containerd.RestartSignal, filepath.Join(dir, "c.sock"), containerd.WithTimeout(time.Second))
 	if checked, err := r.Check(context.Background(), main); !checked || err != nil {
 		t.Fatalf("Check of a good configuration = %v, %v", checked, err)
 	}
@@ -109,7 +109,7 @@ func TestCheckWithTheNodesContainerd(t *testing.T) {
 	if checked, err := r.Check(context.Background(), main); !checked || !errors.Is(err, containerd.ErrInvalidConfig) || !strings.Contains(err.Error(), "junk.toml") {
 		t.Errorf("Check of a configuration containerd refuses = %v, %v", checked, err)
 	}
-	other := containerd.NewRestarter(containerd.RestartSignal, filepath.Join(dir, "c.sock"), t.TempDir(), time.Second)
+	other := containerd.NewRestarter(containerd.RestartSignal, filepath.Join(dir, "c.sock"), containerd.WithHostRoot(t.TempDir()), containerd.WithTimeout(time.Second))
 	if checked, err := other.Check(context.Background(), main); checked || err != nil {
 		t.Errorf("Check without the node's binary = %v, %v; want nothing claimed", checked, err)
 	}

@@ -241,7 +241,7 @@ func StartContainerdBinary(t T, binary string, env []string, config, socket stri
 			t.Logf("containerd log:\n%s", c.logs())
 		}
 	})
-	if err := containerd.NewRestarter(containerd.RestartNone, socket, "/", 10*time.Second).WaitReady(context.Background()); err != nil {
+	if err := containerd.NewRestarter(containerd.RestartNone, socket, containerd.WithTimeout(10*time.Second)).WaitReady(context.Background()); err != nil {
 		t.Fatalf("containerd: %v\n%s", err, c.logs())
 	}
 	return c
@@ -305,7 +305,7 @@ func (c *Containerd) Restart(t T) {
 	c.mu.Unlock()
 	cmd.Process.Signal(syscall.SIGTERM)
 	<-exited
-	if err := containerd.NewRestarter(containerd.RestartNone, c.Socket, "/", 10*time.Second).WaitReady(context.Background()); err != nil {
+	if err := containerd.NewRestarter(containerd.RestartNone, c.Socket, containerd.WithTimeout(10*time.Second)).WaitReady(context.Background()); err != nil {
 		t.Fatalf("containerd after a restart: %v\n%s", err, c.logs())
 	}
 }

@@ -10,6 +10,10 @@ import (
 // ResourceVendor prefixes every resource the plugin advertises.
 const ResourceVendor = "nvidia.com"
 
+// SocketPrefix starts the name of every socket the plugin serves in the
+// kubelet's directory: gpu-sandbox-nvidia.com_GA102GL_A10.sock.
+const SocketPrefix = "gpu-sandbox-"
+
 func isAlnum(r rune) bool {
 	return 'A' <= r && r <= 'Z' || 'a' <= r && r <= 'z' || '0' <= r && r <= '9'
 }

@@ -608,6 +608,7 @@ func (p *plugin) server(ctx context.Context, resource string) *deviceplugin.Serv
 	}
 	srv := deviceplugin.New(resource, newAllocator(p, resource),
 		deviceplugin.WithDir(p.cfg.PluginDir),
+		deviceplugin.WithSocketPrefix(SocketPrefix),
 		deviceplugin.WithPreferrer(preferrer{p: p}),
 		deviceplugin.WithEventHandler(p.onEvent))
 	ctx, cancel := context.WithCancel(ctx)

@@ -75,6 +75,7 @@ type Server struct {
 	resource string
 	dir      string
 	socket   string
+	prefix   string
 	alloc    Allocator
 	pref     Preferrer
 	events   func(Event)
@@ -95,24 +96,28 @@ type Option func(*Server)
 func WithDir(dir string) Option { return func(s *Server) { s.dir = dir } }
 
 // WithSocketName sets the socket's file name in the directory.
-// Default: "gpu-sandbox-" plus the resource with "/" as "_", plus ".sock",
-// shortened with a hash of the resource where the whole path would pass the
-// kernel's limit for socket paths.
+// Default: the socket prefix (WithSocketPrefix) and the resource with "/"
+// as "_", plus ".sock", shortened with a hash of the resource where the
+// whole path would pass the kernel's limit for socket paths.
 func WithSocketName(name string) Option { return func(s *Server) { s.socket = name } }
+
+// WithSocketPrefix starts the default socket name, so that a plugin's
+// sockets are told from others' in the shared directory. Default: none.
+func WithSocketPrefix(prefix string) Option { return func(s *Server) { s.prefix = prefix } }
 
 // maxSocketPath is the longest path a unix socket can bind to (sun_path
 // holds 108 bytes with the terminating NUL).
 const maxSocketPath = 107
 
-func defaultSocketName(dir, resource string) string {
-	name := "gpu-sandbox-" + strings.ReplaceAll(resource, "/", "_")
+func defaultSocketName(dir, prefix, resource string) string {
+	name := prefix + strings.ReplaceAll(resource, "/", "_")
 	if len(filepath.Join(dir, name+".sock")) <= maxSocketPath {
 		return name + ".sock"
 	}
 	h := fnv.New32a()
 	h.Write([]byte(resource))
 	suffix := fmt.Sprintf("-%08x.sock", h.Sum32())
-	keep := max(maxSocketPath-len(filepath.Join(dir, suffix)), len("gpu-sandbox"))
+	keep := max(maxSocketPath-len(filepath.Join(dir, suffix)), len(prefix)+1)
 	return name[:min(keep, len(name))] + suffix
 }
 
@@ -142,7 +147,7 @@ func New(resource string, alloc Allocator, opts ...Option) *Server {
 		o(s)
 	}
 	if s.socket == "" {
-		s.socket = defaultSocketName(s.dir, resource)
+		s.socket = defaultSocketName(s.dir, s.prefix, resource)
 	}
 	return s
 }

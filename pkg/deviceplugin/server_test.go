@@ -90,7 +90,7 @@ func TestRegisterListAndWatchAllocate(t *testing.T) {
 	runServer(t, s)
 	r := waitRegistrations(k, 1)
 	if r.ResourceName != "nvidia.com/GA102GL_A10" || r.Version != pluginapi.Version ||
-		r.Endpoint != "gpu-sandbox-nvidia.com_GA102GL_A10.sock" || !r.Options.GetPreferredAllocationAvailable {
+		r.Endpoint != "nvidia.com_GA102GL_A10.sock" || !r.Options.GetPreferredAllocationAvailable {
 		t.Fatalf("registration %+v", r)
 	}
 	if fi, err := os.Stat(s.SocketPath()); err != nil || fi.Mode().Perm() != 0o600 {

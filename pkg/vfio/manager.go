@@ -29,9 +29,33 @@ type ModuleLoader interface {
 	LoadModule(ctx context.Context, name string) error
 }
 
+// AttrWriter writes one value to a sysfs attribute and returns what the
+// kernel answers, as write(2) on the opened attribute does: nil, or the
+// store function's errno (EBUSY, ENODEV, EINVAL...) in an *fs.PathError.
+type AttrWriter interface {
+	WriteAttr(path, value string) error
+}
+
+// fileWriter is the node's AttrWriter: the attribute's file, opened and
+// written.
+type fileWriter struct{}
+
+func (fileWriter) WriteAttr(path, value string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC, 0)
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteString(value)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
 // Manager binds IOMMU groups to VFIO and gives them back.
 type Manager struct {
 	sysfs    *Sysfs
+	attrs    AttrWriter
 	devRoot  string
 	hostRoot string
 	state    stateStore
@@ -79,10 +103,17 @@ func WithKernelRelease(r string) Option { return func(m *Manager) { m.release = 
 // Default: false.
 func WithDryRun(dry bool) Option { return func(m *Manager) { m.dryRun = dry } }
 
+// WithAttrWriter replaces how sysfs attributes are written. It exists for
+// fakes: a fake sysfs made of files cannot fail a write as the kernel does,
+// and vfiotest's Emulator, given here, answers with the kernel's errors.
+// Default: the attribute's file is opened and written, as on a node.
+func WithAttrWriter(w AttrWriter) Option { return func(m *Manager) { m.attrs = w } }
+
 // NewManager returns a Manager for the node's sysfs, or the tree the options name.
 func NewManager(opts ...Option) *Manager {
 	m := &Manager{
 		sysfs:    NewSysfs(DefaultSysfsRoot),
+		attrs:    fileWriter{},
 		devRoot:  DefaultDevRoot,
 		hostRoot: DefaultHostRoot,
 		procRoot: DefaultProcRoot,
@@ -606,18 +637,7 @@ func (m *Manager) writeAttr(ctx context.Context, path, value string) error {
 		return fmt.Errorf("write %q: %w", path, ErrTimeout)
 	}
 	done := make(chan error, 1)
-	go func() {
-		f, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC, 0)
-		if err != nil {
-			done <- err
-			return
-		}
-		_, err = f.WriteString(value)
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-		done <- err
-	}()
+	go func() { done <- m.attrs.WriteAttr(path, value) }()
 	select {
 	case err := <-done:
 		return err

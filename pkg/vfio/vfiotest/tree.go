@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -38,6 +39,13 @@ type Device struct {
 	UnbindDelay time.Duration
 	// RefuseUnbind makes the driver's remove hang for ever.
 	RefuseUnbind bool
+	// ProbeError makes every probe of the device by a driver other than a
+	// vfio one fail with this errno, as a host driver's does for a device
+	// it cannot take (EBUSY when another owner holds its BARs, EIO from a
+	// GPU a VM left in a state the driver cannot initialise). A write to
+	// drivers/<d>/bind returns it; drivers_probe, as on the kernel, does
+	// not, and leaves the device without a driver. 0: probes succeed.
+	ProbeError syscall.Errno
 	// PhysFn makes the device an SR-IOV virtual function of that physical
 	// function: a physfn link here, a virtfnN link there.
 	PhysFn string

@@ -39,6 +39,7 @@ import (
 	"sigs.k8s.io/yaml"
 	cdiapi "tags.cncf.io/container-device-interface/pkg/cdi"
 
+	"github.com/gpu-sandbox/gpu-sandbox/internal/vfiomanager"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio/vfiotest"
 	"github.com/gpu-sandbox/gpu-sandbox/test/e2e/testbed"
 )
@@ -181,6 +182,11 @@ func TestCluster(t *testing.T) {
 		t.Errorf("the node runs kubelet %s on %s, want v1.37.2 on containerd %s", info.KubeletVersion, info.ContainerRuntimeVersion, containerdRelease)
 	}
 	c.step("GPUs bound, runtime classes registered, resources allocatable")
+	// vfio-manager reads its policy off the Node and reports there, with
+	// the manifests' service account and ClusterRole.
+	c.waitSplit(8, 0)
+	c.waitEvent("VFIOBound")
+	c.step("the Node shows the split")
 
 	held := c.startConsumer(tree)
 	c.step("consumer running with its GPUs through CDI")
@@ -194,6 +200,9 @@ func TestCluster(t *testing.T) {
 		}
 		c.step("rollout of " + agent + ": consumer untouched")
 	}
+
+	c.mixed(tree, held, start)
+	c.step("half the GPUs back to containers, the consumer's kept")
 
 	c.giveBack(tree, held, ctd)
 	c.step("node given back")
@@ -774,6 +783,63 @@ func (c *cluster) agentPod(agent string) corev1.Pod {
 		c.t.Fatalf("%d pods of %s", len(l.Items), agent)
 	}
 	return l.Items[0]
+}
+
+// mixed makes the node a mixed one, as docs/vfio-manager.md says: the
+// Node's annotation asks for 4 GPUs for VMs while the consumer holds 2.
+// vfio-manager keeps the consumer's, gives back 4 other GPUs and the
+// NVSwitches (a partial fabric is not for VMs), the device plugin stops
+// offering them, and the Node's labels count 4 and 4.
+func (c *cluster) mixed(tree *vfiotest.Tree, h *heldDevices, start clusterNodeState) {
+	c.t.Helper()
+	c.kubectl("annotate", "node", nodeName, vfiomanager.PolicyKey+"=4")
+	c.waitSplit(4, 4)
+	c.waitEvent("VFIOGivenBack")
+	var vm []string
+	for _, addr := range vfiotest.HGXH100GPUs {
+		if tree.Driver(addr) == "vfio-pci" {
+			vm = append(vm, addr)
+		} else if d, was := tree.Driver(addr), start["driver "+addr]; d != was {
+			c.t.Errorf("%s on %q after it was given back, want %s", addr, d, was)
+		}
+	}
+	if len(vm) != 4 || !slices.Contains(vm, h.ids[0]) || !slices.Contains(vm, h.ids[1]) {
+		c.t.Errorf("GPUs left on vfio-pci: %v; want 4 with the consumer's %v", vm, h.ids)
+	}
+	for _, addr := range vfiotest.HGXH100NVSwitches {
+		if d, was := tree.Driver(addr), start["driver "+addr]; d != was {
+			c.t.Errorf("NVSwitch %s on %q with 4 of 8 GPUs for VMs, want %s", addr, d, was)
+		}
+	}
+	c.waitAllocatable(map[string]string{gpuResource: "4", "nvidia.com/nvswitch": "0"})
+	c.checkConsumer(tree, h)
+}
+
+// waitSplit waits for vfio-manager's labels on the Node to count vm GPUs
+// for VMs and container GPUs for containers.
+func (c *cluster) waitSplit(vm, container int) {
+	c.t.Helper()
+	want := fmt.Sprintf("%s=%d %s=%d", vfiomanager.VMCountLabel, vm, vfiomanager.ContainerCountLabel, container)
+	c.waitFor("the Node's labels to say "+want, time.Minute, func() (bool, string) {
+		var n corev1.Node
+		c.get(&n, "node", nodeName)
+		got := fmt.Sprintf("%s=%s %s=%s", vfiomanager.VMCountLabel, n.Labels[vfiomanager.VMCountLabel],
+			vfiomanager.ContainerCountLabel, n.Labels[vfiomanager.ContainerCountLabel])
+		return got == want, got
+	})
+}
+
+// waitEvent waits for an Event about the Node with this reason.
+func (c *cluster) waitEvent(reason string) {
+	c.t.Helper()
+	c.waitFor("an Event "+reason+" about the Node", time.Minute, func() (bool, string) {
+		var l corev1.EventList
+		c.get(&l, "events", "-A", "--field-selector", "involvedObject.kind=Node,involvedObject.name="+nodeName+",reason="+reason)
+		if len(l.Items) == 0 {
+			return false, "none"
+		}
+		return l.Items[0].Source.Component == "vfio-manager", fmt.Sprintf("from %+v", l.Items[0].Source)
+	})
 }
 
 // giveBack gives the node back as docs/vfio-manager.md and

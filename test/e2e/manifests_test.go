@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"errors"
+	"maps"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -41,6 +42,8 @@ type manifests struct {
 	runtimeClasses map[string]*nodev1.RuntimeClass
 	serviceAccount map[string]*corev1.ServiceAccount
 	roles          []*rbacv1.Role
+	clusterRoles   map[string]*rbacv1.ClusterRole
+	clusterBinds   []*rbacv1.ClusterRoleBinding
 	pods           []*corev1.Pod
 }
 
@@ -71,7 +74,8 @@ func loadManifests(t *testing.T) *manifests {
 		}
 	}
 	m := &manifests{daemonSets: map[string]*appsv1.DaemonSet{}, configMaps: map[string]*corev1.ConfigMap{},
-		runtimeClasses: map[string]*nodev1.RuntimeClass{}, serviceAccount: map[string]*corev1.ServiceAccount{}}
+		runtimeClasses: map[string]*nodev1.RuntimeClass{}, serviceAccount: map[string]*corev1.ServiceAccount{},
+		clusterRoles: map[string]*rbacv1.ClusterRole{}}
 	samples, _ := filepath.Glob(filepath.Join(dir, "samples", "*.yaml"))
 	for _, f := range append(slices.Clone(kust.Resources), samples...) {
 		path := f
@@ -106,6 +110,10 @@ func loadManifests(t *testing.T) *manifests {
 				obj = &rbacv1.Role{}
 			case "rbac.authorization.k8s.io/v1 RoleBinding":
 				obj = &rbacv1.RoleBinding{}
+			case "rbac.authorization.k8s.io/v1 ClusterRole":
+				obj = &rbacv1.ClusterRole{}
+			case "rbac.authorization.k8s.io/v1 ClusterRoleBinding":
+				obj = &rbacv1.ClusterRoleBinding{}
 			case "node.k8s.io/v1 RuntimeClass":
 				obj = &nodev1.RuntimeClass{}
 			default:
@@ -125,6 +133,10 @@ func loadManifests(t *testing.T) *manifests {
 				m.serviceAccount[o.Name] = o
 			case *rbacv1.Role:
 				m.roles = append(m.roles, o)
+			case *rbacv1.ClusterRole:
+				m.clusterRoles[o.Name] = o
+			case *rbacv1.ClusterRoleBinding:
+				m.clusterBinds = append(m.clusterBinds, o)
 			case *corev1.Pod:
 				m.pods = append(m.pods, o)
 			}
@@ -298,13 +310,55 @@ func TestManifests(t *testing.T) {
 			}
 		}
 	}
-	// Only kata-manager reads from the API, and only secrets, only get.
+	// kata-manager reads secrets in its namespace, only get.
 	for _, r := range m.roles {
 		for _, rule := range r.Rules {
 			if !slices.Equal(rule.Resources, []string{"secrets"}) || !slices.Equal(rule.Verbs, []string{"get"}) {
 				t.Errorf("role %s grants %v on %v", r.Name, rule.Verbs, rule.Resources)
 			}
 		}
+	}
+	// vfio-manager follows its Node's policy (NODE_POLICY, with the
+	// node's name from the downward API): exactly what the agent's
+	// --node-policy help says it needs, and no more; nobody else holds a
+	// cluster-wide grant.
+	vmc := m.daemonSets["vfio-manager"].Spec.Template.Spec.Containers[0]
+	if env(vmc, "NODE_POLICY") != "true" {
+		t.Error("vfio-manager: NODE_POLICY is not true")
+	}
+	if !slices.ContainsFunc(vmc.Env, func(e corev1.EnvVar) bool {
+		return e.Name == "NODE_NAME" && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "spec.nodeName"
+	}) {
+		t.Error("vfio-manager: NODE_NAME is not the downward API's spec.nodeName")
+	}
+	if a := m.serviceAccount["vfio-manager"].AutomountServiceAccountToken; a != nil && !*a {
+		t.Error("vfio-manager: its service account mounts no token")
+	}
+	if a := vm.AutomountServiceAccountToken; a != nil && !*a {
+		t.Error("vfio-manager: the pod mounts no service account token")
+	}
+	help := run(t, "vfio-manager", nil, "--help").stdout
+	granted := map[string]bool{}
+	for _, b := range m.clusterBinds {
+		r := m.clusterRoles[b.RoleRef.Name]
+		if r == nil || len(b.Subjects) != 1 || b.Subjects[0].Kind != "ServiceAccount" || b.Subjects[0].Name != "vfio-manager" {
+			t.Errorf("cluster role binding %s: %+v to %s", b.Name, b.Subjects, b.RoleRef.Name)
+			continue
+		}
+		for _, rule := range r.Rules {
+			for _, res := range rule.Resources {
+				for _, verb := range rule.Verbs {
+					granted[verb+" "+res] = true
+				}
+			}
+		}
+	}
+	want := []string{"get nodes", "watch nodes", "patch nodes", "create events"}
+	if got := slices.Sorted(maps.Keys(granted)); !slices.Equal(got, slices.Sorted(slices.Values(want))) {
+		t.Errorf("vfio-manager is granted %v; want %v", got, want)
+	}
+	if !strings.Contains(help, "get, watch and patch nodes and create events") {
+		t.Error("vfio-manager --help no longer says what --node-policy needs: update the ClusterRole with it")
 	}
 }
 

@@ -108,7 +108,7 @@ func run() error {
 // container, and the host's processes are those of <host-root>/proc.
 func hostPaths(cfg *vfiomanager.Config) {
 	if cfg.StateDir == "" {
-		cfg.StateDir = filepath.Join(cfg.HostRoot, vfio.DefaultStateDir)
+		cfg.StateDir = filepath.Join(cfg.HostRoot, vfiomanager.DefaultStateDir)
 	}
 	if cfg.ReadyFile == "" {
 		cfg.ReadyFile = filepath.Join(cfg.StateDir, "ready")

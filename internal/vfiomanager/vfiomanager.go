@@ -27,6 +27,10 @@ import (
 
 // Defaults of the agent.
 const (
+	// DefaultStateDir holds one record per device vfio-manager bound,
+	// naming the driver to give it back to: under /run/nvidia, which the
+	// GPU Operator's DaemonSets mount from the host.
+	DefaultStateDir = "/run/nvidia/vfio-manager"
 	// DefaultReadyFile is written by "run" once every selected group is bound.
 	DefaultReadyFile = "/run/nvidia/vfio-manager/ready"
 	// DefaultReconcileInterval is how often "run" looks again for devices to bind.
@@ -123,7 +127,6 @@ func Run(ctx context.Context, cfg Config) error {
 		vfio.WithSysfsRoot(cfg.SysfsRoot),
 		vfio.WithDevRoot(cfg.DevRoot),
 		vfio.WithHostRoot(cfg.HostRoot),
-		vfio.WithStateDir(cfg.StateDir),
 		vfio.WithProcRoot(cfg.ProcRoot),
 		vfio.WithTimeout(cfg.Timeout),
 		vfio.WithDryRun(cfg.DryRun),
@@ -135,7 +138,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return cli.Usagef("--pci-ids: %v", err)
 	}
-	a := &agent{cfg: cfg, log: cfg.Log, m: vfio.NewManager(opts...), sel: sel, names: names}
+	a := &agent{cfg: cfg, log: cfg.Log, m: vfio.NewManager(cfg.StateDir, opts...), sel: sel, names: names}
 	if cfg.NodePolicy && (cfg.Command == "run" || cfg.Command == "status") {
 		if cfg.NodeName == "" {
 			return cli.Usagef("--node-policy needs the node's name: --node-name or NODE_NAME (the downward API's spec.nodeName)")

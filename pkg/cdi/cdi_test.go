@@ -23,8 +23,8 @@ import (
 func boundNode(t *testing.T, n vfiotest.Node) (*vfio.Sysfs, []*vfio.Passthrough) {
 	t.Helper()
 	tree, _ := vfiotest.New(t, n)
-	m := vfio.NewManager(vfio.WithSysfsRoot(tree.SysfsRoot), vfio.WithDevRoot(tree.DevRoot),
-		vfio.WithHostRoot(tree.HostRoot), vfio.WithStateDir(t.TempDir()), vfio.WithTimeout(2*time.Second))
+	m := vfio.NewManager(t.TempDir(), vfio.WithSysfsRoot(tree.SysfsRoot), vfio.WithDevRoot(tree.DevRoot),
+		vfio.WithHostRoot(tree.HostRoot), vfio.WithTimeout(2*time.Second))
 	devices, _ := m.Sysfs().Devices()
 	sel, _ := vfio.ParseSelector("", false)
 	plan, _ := vfio.NewPlanAll(devices, sel)

@@ -18,11 +18,10 @@ func Example() {
 	emu, _ := tree.Start()
 	defer emu.Close()
 
-	m := vfio.NewManager(
+	m := vfio.NewManager(dir+"/state", // where the previous drivers are kept
 		vfio.WithSysfsRoot(tree.SysfsRoot), // "/sys" on a node
 		vfio.WithDevRoot(tree.DevRoot),
 		vfio.WithHostRoot(tree.HostRoot),
-		vfio.WithStateDir(dir+"/state"),
 	)
 	devices, _ := m.Sysfs().Devices()
 	sel, _ := vfio.ParseSelector(vfio.DefaultSelect, false)

@@ -84,9 +84,6 @@ func WithHostRoot(root string) Option { return func(m *Manager) { m.hostRoot = r
 // makes the in-use check see every VM. Default: DefaultProcRoot.
 func WithProcRoot(root string) Option { return func(m *Manager) { m.procRoot = root } }
 
-// WithStateDir sets where previous drivers are recorded. Default: DefaultStateDir.
-func WithStateDir(dir string) Option { return func(m *Manager) { m.state = stateStore{dir: dir} } }
-
 // WithTimeout sets how long one device may take to change driver.
 // Default: DefaultTimeout.
 func WithTimeout(d time.Duration) Option { return func(m *Manager) { m.timeout = d } }
@@ -109,15 +106,18 @@ func WithDryRun(dry bool) Option { return func(m *Manager) { m.dryRun = dry } }
 // Default: the attribute's file is opened and written, as on a node.
 func WithAttrWriter(w AttrWriter) Option { return func(m *Manager) { m.attrs = w } }
 
-// NewManager returns a Manager for the node's sysfs, or the tree the options name.
-func NewManager(opts ...Option) *Manager {
+// NewManager returns a Manager for the node's sysfs, or the tree the options
+// name. stateDir is where it records the driver each device had before it
+// was bound, one file per device, for Unbind to give it back: it must
+// outlive the process (the GPU Operator's agents use /run/nvidia/...).
+func NewManager(stateDir string, opts ...Option) *Manager {
 	m := &Manager{
 		sysfs:    NewSysfs(DefaultSysfsRoot),
 		attrs:    fileWriter{},
 		devRoot:  DefaultDevRoot,
 		hostRoot: DefaultHostRoot,
 		procRoot: DefaultProcRoot,
-		state:    stateStore{dir: DefaultStateDir},
+		state:    stateStore{dir: stateDir},
 		timeout:  DefaultTimeout,
 	}
 	for _, o := range opts {

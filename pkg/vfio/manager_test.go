@@ -32,9 +32,9 @@ func newFixture(t *testing.T, n vfiotest.Node, opts ...vfio.Option) *fixture {
 
 // manager is a Manager on the fixture's tree with opts on top.
 func (f *fixture) manager(opts ...vfio.Option) *vfio.Manager {
-	return vfio.NewManager(append([]vfio.Option{
+	return vfio.NewManager(f.stateDir, append([]vfio.Option{
 		vfio.WithSysfsRoot(f.tree.SysfsRoot), vfio.WithDevRoot(f.tree.DevRoot),
-		vfio.WithHostRoot(f.tree.HostRoot), vfio.WithStateDir(f.stateDir),
+		vfio.WithHostRoot(f.tree.HostRoot),
 		vfio.WithTimeout(2 * time.Second),
 	}, opts...)...)
 }

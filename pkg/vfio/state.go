@@ -11,10 +11,6 @@ import (
 	"github.com/gpu-sandbox/gpu-sandbox/internal/atomicfile"
 )
 
-// DefaultStateDir holds one record per device this package bound, naming the
-// driver to give it back to.
-const DefaultStateDir = "/run/nvidia/vfio-manager"
-
 // record is what the state dir keeps about a device bound to VFIO.
 type record struct {
 	Address string `json:"address"`

@@ -58,7 +58,7 @@ e2e-cluster: images-local ## run the manifests, images and agents on a real sing
 	GPU_SANDBOX_E2E_IMAGES=.cache/images $(GO) test -tags cluster -count=1 -run '^TestCluster$$' -v -timeout 30m ./test/e2e/
 
 FUZZTIME ?= 10s
-FUZZ_TARGETS := FuzzParseConfig:./internal/katamanager FuzzModelName:./internal/sandboxplugin \
+FUZZ_TARGETS := FuzzParseConfig:./internal/katamanager FuzzModelName:./pkg/vfio \
 	FuzzParseReference:./pkg/artifacts FuzzApplyRevert:./pkg/containerd FuzzRewrite:./pkg/kata \
 	FuzzDeviceAttributes:./pkg/vfio FuzzSpec:./pkg/cdi
 

@@ -1,7 +1,6 @@
 package sandboxplugin
 
 import (
-	"fmt"
 	"strings"
 
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
@@ -13,30 +12,6 @@ const ResourceVendor = "nvidia.com"
 // SocketPrefix starts the name of every socket the plugin serves in the
 // kubelet's directory: gpu-sandbox-nvidia.com_GA102GL_A10.sock.
 const SocketPrefix = "gpu-sandbox-"
-
-func isAlnum(r rune) bool {
-	return 'A' <= r && r <= 'Z' || 'a' <= r && r <= 'z' || '0' <= r && r <= '9'
-}
-
-// ValidResourceName reports whether name may follow "nvidia.com/" both as
-// an extended resource name and as a CDI class: the resource name is the
-// CDI kind of its devices (Kata's cold plug asks the CDI cache for
-// <resource>=<device ID>), so it must be both. That is at most 63
-// letters, digits, '-', '_' and '.', starting with a letter and ending with
-// a letter or digit: Kubernetes also allows a leading digit, CDI does not.
-func ValidResourceName(name string) bool {
-	if name == "" || len(name) > 63 || !isLetter(rune(name[0])) || !isAlnum(rune(name[len(name)-1])) {
-		return false
-	}
-	for _, r := range name {
-		if !isAlnum(r) && r != '-' && r != '_' && r != '.' {
-			return false
-		}
-	}
-	return true
-}
-
-func isLetter(r rune) bool { return 'A' <= r && r <= 'Z' || 'a' <= r && r <= 'z' }
 
 // namer gives each passthrough device its resource.
 type namer struct {
@@ -74,27 +49,10 @@ func (n *namer) resource(p *vfio.Passthrough) string {
 		if n.names != nil {
 			pciName = n.names.Name(id[0], id[1])
 		}
-		name = resourceName(pciName, id[1], p.Role)
+		name = vfio.ResourceName(pciName, id[1], p.Role)
 		n.models[id] = name
 	}
 	return ResourceVendor + "/" + name
-}
-
-// resourceName is the name part of a device's resource, and so of its CDI
-// kind: the model as pci.ids names it (vfio.ModelName), or, when pci.ids
-// does not know the device or its name makes no valid kind (it starts with
-// a digit), "pgpu-" (an NVSwitch: "nvswitch-") and the device id:
-// nvidia.com/pgpu-3ffe. kubevirt-gpu-device-plugin advertises such a GPU as
-// nvidia.com/3ffe, which no CDI kind can be.
-func resourceName(pciName string, device uint16, role vfio.Role) string {
-	if name := vfio.ModelName(pciName); ValidResourceName(name) {
-		return name
-	}
-	prefix := "pgpu-"
-	if role == vfio.RoleNVSwitch {
-		prefix = "nvswitch-"
-	}
-	return fmt.Sprintf("%s%04x", prefix, device)
 }
 
 // forget drops the parsed database; a model not yet named parses it again.

@@ -26,7 +26,7 @@ func TestModelName(t *testing.T) {
 		}
 	}
 	long := vfio.ModelName(strings.Repeat("ABCDEFGHIJ ", 10))
-	if len(long) > 63 || !ValidResourceName(long) {
+	if len(long) > 63 || !vfio.ValidResourceName(long) {
 		t.Errorf("long name %q (%d chars) is not a valid resource name", long, len(long))
 	}
 }

@@ -144,7 +144,7 @@ func newPlugin(cfg Config) (*plugin, error) {
 		return nil, cli.Usagef("--vfio-mode %q: want auto, legacy or iommufd", cfg.VFIOMode)
 	}
 	for flag, alias := range map[string]string{"P_GPU_ALIAS": cfg.GPUAlias, "NVSWITCH_ALIAS": cfg.NVSwitchAlias} {
-		if alias != "" && !ValidResourceName(alias) {
+		if alias != "" && !vfio.ValidResourceName(alias) {
 			return nil, cli.Usagef("%s %q: not a valid resource name and CDI class (at most 63 letters, digits, '-', '_' and '.', starting with a letter)", flag, alias)
 		}
 	}

@@ -184,7 +184,7 @@ type agent struct {
 
 // model is the name part of a GPU's resource, as the device plugin gives it.
 func (a *agent) model(d *vfio.Device) string {
-	return vfio.ModelName(a.names.Name(d.Vendor, d.DeviceID))
+	return vfio.ResourceName(a.names.Name(d.Vendor, d.DeviceID), d.DeviceID, vfio.RoleGPU)
 }
 
 // devices reads the node's PCI functions; one that cannot be read is

@@ -175,3 +175,40 @@ func ModelName(pciName string) string {
 func isAlnum(r rune) bool {
 	return 'A' <= r && r <= 'Z' || 'a' <= r && r <= 'z' || '0' <= r && r <= '9'
 }
+
+// ResourceName is the name part of a device's extended resource, which is
+// also its CDI kind (Kata's cold plug asks the CDI cache for
+// <resource>=<device ID>): the model as pci.ids names it (ModelName), or,
+// when pci.ids does not know the device or its name makes no valid kind (it
+// starts with a digit), "pgpu-" (an NVSwitch: "nvswitch-") and the device
+// id: pgpu-3ffe. kubevirt-gpu-device-plugin names such a GPU 3ffe, which no
+// CDI kind can be.
+func ResourceName(pciName string, deviceID uint16, role Role) string {
+	if name := ModelName(pciName); ValidResourceName(name) {
+		return name
+	}
+	prefix := "pgpu-"
+	if role == RoleNVSwitch {
+		prefix = "nvswitch-"
+	}
+	return fmt.Sprintf("%s%04x", prefix, deviceID)
+}
+
+// ValidResourceName reports whether name may follow "nvidia.com/" both as
+// an extended resource name and as a CDI class, since the one is the
+// other: at most 63 letters, digits, '-', '_' and '.', starting with a
+// letter and ending with a letter or digit (Kubernetes also allows a
+// leading digit, CDI does not).
+func ValidResourceName(name string) bool {
+	if name == "" || len(name) > 63 || !isLetter(rune(name[0])) || !isAlnum(rune(name[len(name)-1])) {
+		return false
+	}
+	for _, r := range name {
+		if !isAlnum(r) && r != '-' && r != '_' && r != '.' {
+			return false
+		}
+	}
+	return true
+}
+
+func isLetter(r rune) bool { return 'A' <= r && r <= 'Z' || 'a' <= r && r <= 'z' }

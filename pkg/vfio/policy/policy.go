@@ -127,11 +127,12 @@ func parseItem(text string) (Item, error) {
 			return Item{}, fmt.Errorf("item %q: %w", text, err)
 		}
 		return Item{Kind: ByAddress, Value: addr, Text: text}, nil
-	case vfio.ModelName(text) == strings.ToUpper(text) && strings.ContainsAny(text, "0123456789") &&
-		strings.ContainsFunc(text, func(r rune) bool { return r >= 'A' && r <= 'Z' || r >= 'a' && r <= 'z' }):
+	case vfio.ValidResourceName(text) && strings.ContainsAny(text, "0123456789"):
+		// A resource name: GA102GL_A10, or pgpu-3ffe for a GPU pci.ids
+		// does not know.
 		return Item{Kind: ByModel, Value: strings.ToUpper(text), Text: text}, nil
 	}
-	return Item{}, fmt.Errorf("item %q is no gpu<N>, PCI address, numa<N> or model name (letters and digits, and _, as in GA102GL_A10)", text)
+	return Item{}, fmt.Errorf("item %q is no gpu<N>, PCI address, numa<N> or model name (as in its resource name: GA102GL_A10, pgpu-3ffe)", text)
 }
 
 func isDigits(s string) bool {

@@ -24,6 +24,7 @@ func TestParse(t *testing.T) {
 		"gpu0,GPU3,gpu0":             "gpu0,gpu3",
 		"ga102gl_a10":                "GA102GL_A10",
 		"numa0,GH100_H100_SXM5_80GB": "numa0,GH100_H100_SXM5_80GB",
+		"pgpu-3ffe":                  "PGPU-3FFE", // a GPU pci.ids does not know
 	} {
 		p, err := policy.Parse(in)
 		if err != nil {
@@ -39,6 +40,7 @@ func TestParse(t *testing.T) {
 		"four":                 "no gpu<N>",
 		"0,1":                  "bare number",
 		"-1":                   "no gpu<N>",
+		"-3ffe":                "no gpu<N>",
 		"gpu0,,gpu1":           "empty item",
 		"0000:zz:00.0":         "invalid PCI address",
 		"99999999999999999999": "out of range",

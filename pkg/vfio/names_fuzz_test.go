@@ -1,4 +1,4 @@
-package sandboxplugin
+package vfio_test
 
 import (
 	"regexp"
@@ -57,20 +57,20 @@ func FuzzModelName(f *testing.F) {
 		if nvswitch {
 			role = vfio.RoleNVSwitch
 		}
-		r := resourceName(s, device, role)
+		r := vfio.ResourceName(s, device, role)
 		if !refValidName.MatchString(r) {
 			t.Fatalf("resource nvidia.com/%s (pci.ids %q): not a valid resource name", r, s)
 		}
-		kind := ResourceVendor + "/" + r
+		kind := "nvidia.com/" + r
 		if vendor, class, name, err := parser.ParseQualifiedName(kind + "=0000:65:00.0"); err != nil || vendor+"/"+class != kind || name != "0000:65:00.0" {
 			t.Fatalf("resource %s (pci.ids %q): Kata's %s=0000:65:00.0 parses as %s/%s=%s, %v", kind, s, kind, vendor, class, name, err)
 		}
-		if r != n && ValidResourceName(n) {
+		if r != n && vfio.ValidResourceName(n) {
 			t.Fatalf("resource %s for pci.ids %q: the model name %q was valid", kind, s, n)
 		}
 		want := refValidName.MatchString(s) && parser.ValidateClassName(s) == nil
-		if got := ValidResourceName(s); got != want {
-			t.Fatalf("ValidResourceName(%q) = %v; Kubernetes' and CDI's rules say %v", s, got, want)
+		if got := vfio.ValidResourceName(s); got != want {
+			t.Fatalf("vfio.ValidResourceName(%q) = %v; Kubernetes' and CDI's rules say %v", s, got, want)
 		}
 	})
 }

@@ -342,13 +342,18 @@ func TestUpgradeFromGroupIDsKeepsTheVMsGPU(t *testing.T) {
 			t.Errorf("pod-b got %s, the VM pod's group", vmNode)
 		}
 	}
-	if !strings.Contains(logs.String(), "vm-pod-uid") {
-		t.Errorf("the plugin's log does not name the pod holding %s", vmGPU)
-	}
-
 	// The VM pod ends; the kubelet forgets it at its next allocation and
 	// rewrites the checkpoint: the GPU comes back.
 	k.pods = slices.DeleteFunc(k.pods, func(p *v1.Pod) bool { return p.Name == "vm-pod" })
 	k.allocate(t, "pod-c", "nvidia.com/nvswitch", 1)
 	k.waitCapacity(t, map[string]int64{gpu: 8})
+
+	// Its log named the pod that held the GPU (read once it has exited).
+	plugin.Process.Signal(syscall.SIGTERM)
+	if err := plugin.Wait(); err != nil {
+		t.Fatalf("plugin exit: %v", err)
+	}
+	if !strings.Contains(logs.String(), "vm-pod-uid") {
+		t.Errorf("the plugin's log does not name the pod holding %s", vmGPU)
+	}
 }

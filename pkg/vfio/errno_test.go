@@ -67,12 +67,12 @@ func wantErr(t *testing.T, what string, err error, names []string, causes ...err
 // Bind's own writes (driver_override, unbind, drivers_probe) can only get
 // ENODEV or ENOENT from a kernel, which does not report probe errors
 // through drivers_probe; EBUSY and EINVAL come from the bind that gives a
-// function back to its driver.
+// function back to its driver. An ENODEV from unbind for a function that
+// has no driver any more is no failure: it left on its own
+// (TestBindFunctionThatLeftItsDriver).
 func TestBindWriteRefused(t *testing.T) {
-	leftDriver := func(t *testing.T, f *fixture) {
-		// Something took the audio function from its driver after the plan.
-		unbind := filepath.Join(f.tree.SysfsRoot, "bus/pci/drivers/snd_hda_intel/unbind")
-		if err := f.emu.WriteAttr(unbind, a10Audio); err != nil {
+	unplugged := func(t *testing.T, f *fixture) {
+		if err := f.emu.RemoveDevice(a10Audio); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -84,19 +84,12 @@ func TestBindWriteRefused(t *testing.T) {
 		causeText string
 		rollback  error // of the A10's rollback; nil when it succeeds
 	}{
-		{name: "function left its driver after the plan", change: leftDriver,
-			cause: syscall.ENODEV, causeText: "unbind from snd_hda_intel"},
-		{name: "function unplugged after the plan",
-			change: func(t *testing.T, f *fixture) {
-				if err := f.emu.RemoveDevice(a10Audio); err != nil {
-					t.Fatal(err)
-				}
-			},
+		{name: "function unplugged after the plan", change: unplugged,
 			cause: fs.ErrNotExist, causeText: "set driver_override"},
-		{name: "host driver busy on rollback", a10Probe: syscall.EBUSY, change: leftDriver,
-			cause: syscall.ENODEV, causeText: "unbind from snd_hda_intel", rollback: syscall.EBUSY},
-		{name: "host driver refuses on rollback", a10Probe: syscall.EINVAL, change: leftDriver,
-			cause: syscall.ENODEV, causeText: "unbind from snd_hda_intel", rollback: syscall.EINVAL},
+		{name: "host driver busy on rollback", a10Probe: syscall.EBUSY, change: unplugged,
+			cause: fs.ErrNotExist, causeText: "set driver_override", rollback: syscall.EBUSY},
+		{name: "host driver refuses on rollback", a10Probe: syscall.EINVAL, change: unplugged,
+			cause: fs.ErrNotExist, causeText: "set driver_override", rollback: syscall.EINVAL},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newErrnoFixture(t, hgxWithA10(tc.a10Probe))
@@ -141,6 +134,27 @@ func TestBindWriteRefused(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A function that left its driver between the plan and the bind (the
+// kernel answers the unbind with ENODEV) is already free: the group is
+// bound, and the function goes back to the driver it had when it is given
+// back.
+func TestBindFunctionThatLeftItsDriver(t *testing.T) {
+	f := newErrnoFixture(t, hgxWithA10(0))
+	p := f.plan(t, "", false, nil)
+	unbind := filepath.Join(f.tree.SysfsRoot, "bus/pci/drivers/snd_hda_intel/unbind")
+	if err := f.emu.WriteAttr(unbind, a10Audio); err != nil {
+		t.Fatal(err)
+	}
+	if r := f.bind(t, p); r.Err() != nil || r.Count(vfio.ActionBound) != 10 {
+		t.Fatalf("bind: %d bound, %v; want all 10", r.Count(vfio.ActionBound), r.Err())
+	}
+	f.wantDriver(t, a10Audio, "vfio-pci", "vfio-pci")
+	if r := f.m.Unbind(context.Background(), p, vfio.UnbindOptions{}); r.Err() != nil {
+		t.Fatalf("unbind: %v", r.Err())
+	}
+	f.wantDriver(t, a10Audio, "snd_hda_intel", "")
 }
 
 // A function its host driver will not take back stays recorded and bound

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"sync"
 	"time"
 
@@ -473,11 +474,7 @@ func (m *Manager) bindDevice(ctx context.Context, d *Device, target string) erro
 		return fail("set driver_override", err)
 	}
 	if d.Driver != "" {
-		err := m.writeAttr(ctx, filepath.Join(m.sysfs.DriverPath(d.Driver), "unbind"), d.Address)
-		if err == nil {
-			err = m.waitDriver(ctx, d.Address, "")
-		}
-		if err != nil {
+		if err := m.unbindFrom(ctx, d.Driver, d.Address); err != nil {
 			m.restoreOverride(d)
 			if m.currentDriver(d.Address) == d.Driver {
 				_ = m.state.remove(d.Address)
@@ -559,11 +556,7 @@ func (m *Manager) unbindDevice(ctx context.Context, group int, mem Member, force
 		return fail("set driver_override", err)
 	}
 	if d.Driver != "" {
-		err = m.writeAttr(ctx, filepath.Join(m.sysfs.DriverPath(d.Driver), "unbind"), d.Address)
-		if err == nil {
-			err = m.waitDriver(ctx, d.Address, "")
-		}
-		if err != nil {
+		if err := m.unbindFrom(ctx, d.Driver, d.Address); err != nil {
 			m.restoreOverride(d)
 			return fail("unbind", err)
 		}
@@ -644,6 +637,21 @@ func (m *Manager) writeAttr(ctx context.Context, path, value string) error {
 	case <-ctx.Done():
 		return fmt.Errorf("write %q: %w", path, ErrTimeout)
 	}
+}
+
+// unbindFrom takes the device from driver and waits until it has none. A
+// device that left the driver on its own since it was read (the kernel
+// answers ENODEV: the driver does not hold it) is where the write would
+// have put it.
+func (m *Manager) unbindFrom(ctx context.Context, driver, address string) error {
+	err := m.writeAttr(ctx, filepath.Join(m.sysfs.DriverPath(driver), "unbind"), address)
+	if errors.Is(err, syscall.ENODEV) && m.currentDriver(address) == "" {
+		err = nil
+	}
+	if err == nil {
+		err = m.waitDriver(ctx, address, "")
+	}
+	return err
 }
 
 // waitDriver waits until the device's driver is want ("" for none).

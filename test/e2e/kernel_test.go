@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -84,6 +85,20 @@ func bootGuest(t *testing.T, script string) *guest {
 // bzImage's decompressor is most of a TCG boot. It fails, never skips,
 // when QEMU or the kernel cannot be had.
 func bootVM(t *testing.T, spec vmSpec) *guest {
+	t.Helper()
+	g, err := bootVMErr(t, spec)
+	if err != nil {
+		t.Fatalf("qemu: %v", err)
+	}
+	return g
+}
+
+// errGuestTimeout is a guest still running at its spec's timeout.
+var errGuestTimeout = errors.New("the guest ran out of time")
+
+// bootVMErr is bootVM returning QEMU's failure, with the console read so
+// far; errGuestTimeout when the guest ran out of time.
+func bootVMErr(t *testing.T, spec vmSpec) (*guest, error) {
 	t.Helper()
 	kernel := filepath.Join(repoRoot(), ".cache", "kernel", "current")
 	if _, err := os.Stat(filepath.Join(kernel, "vmlinux")); err != nil {
@@ -174,7 +189,10 @@ poweroff -f
 		}
 	})
 	if err != nil {
-		t.Fatalf("qemu: %v", err)
+		if ctx.Err() != nil {
+			err = fmt.Errorf("%w (%s): %v", errGuestTimeout, timeout, err)
+		}
+		return g, err
 	}
 	if m := bootedRE.FindStringSubmatch(g.console); m != nil {
 		secs, _ := strconv.ParseFloat(m[1], 64)
@@ -185,7 +203,7 @@ poweroff -f
 		rc, _ := strconv.Atoi(m[4])
 		g.steps[m[1]] = step{rc: rc, out: strings.ReplaceAll(m[2], "\r", "")}
 	}
-	return g
+	return g, nil
 }
 
 // packInitramfs packs the tree at root as a gzipped newc cpio archive.

@@ -6,6 +6,7 @@
 package e2e
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -127,19 +128,36 @@ func TestVMNested(t *testing.T) {
 		files["/kvm/"+m+".ko"] = filepath.Join(kernel, "kvm", m+".ko")
 	}
 
-	start := time.Now()
-	g := bootVM(t, vmSpec{bins: bins, files: files, memMiB: 1024, timeout: 10 * time.Minute, script: fmt.Sprintf(`
+	script := func(accel string) string {
+		return fmt.Sprintf(`
 step devices devices
 step kvm sh -c 'for m in ccp kvm kvm-amd; do insmod /kvm/$m.ko || exit 1; done; ls /dev/kvm'
 step bind vm bind --device-id %[2]s %[1]s
 %[3]s
 step allocate nodesim allocate --plugin-dir /run/dp --resource %[4]s --cdi-root /run/cdi --pods /run/pods %[2]s
-step coldplug sh -c 'nodesim coldplug --config /etc/kata/configuration-qemu-nvidia-gpu.toml --cdi-root /run/cdi $(cat /run/pods/%[2]s/cdi-names)'
+step coldplug sh -c 'nodesim coldplug --accel %[5]s --config /etc/kata/configuration-qemu-nvidia-gpu.toml --cdi-root /run/cdi $(cat /run/pods/%[2]s/cdi-names)'
 kill $plugin; wait $plugin
 step plugin-log cat /tmp/plugin.log
-`, eduSelect, eduAlone, pluginStart, eduResource)})
+`, eduSelect, eduAlone, pluginStart, eduResource, accel)
+	}
 
+	// KVM nested in the TCG guest now and then never gets the second guest
+	// past its firmware (stuck after SeaBIOS's "Booting from ROM"): the
+	// first guest's only vCPU stays in KVM_RUN and nothing in that guest
+	// runs again. A run on KVM takes 30 to 40 s; one still going after 3
+	// minutes is such a hang, and the test boots again with the second
+	// guest on TCG (about 3.5 minutes).
+	start := time.Now()
 	accel := "kvm"
+	g, err := bootVMErr(t, vmSpec{bins: bins, files: files, memMiB: 1024, timeout: 3 * time.Minute, script: script("auto")})
+	if errors.Is(err, errGuestTimeout) && strings.Contains(g.console, "coldplug accel=kvm") && !strings.Contains(g.console, "coldplug exit=") {
+		t.Logf("the second guest on KVM did not get past its firmware in 3 minutes; booting again with it on TCG")
+		accel = "tcg (after KVM hung in the firmware)"
+		g, err = bootVMErr(t, vmSpec{bins: bins, files: files, memMiB: 1024, timeout: 8 * time.Minute, script: script("tcg")})
+	}
+	if err != nil {
+		t.Fatalf("qemu: %v", err)
+	}
 	if g.steps["kvm"].rc != 0 {
 		accel = "tcg"
 		t.Logf("kvm-amd did not load in the first guest, the second runs on TCG:\n%s", g.steps["kvm"].out)
@@ -156,9 +174,10 @@ step plugin-log cat /tmp/plugin.log
 			lines[f[0]+" "+f[1]] = l
 		}
 	}
-	cmdline := lines["coldplug accel="+accel]
+	used, _, _ := strings.Cut(accel, " ")
+	cmdline := lines["coldplug accel="+used]
 	for _, want := range []string{
-		"/usr/bin/qemu-system-x86_64 -machine q35,accel=" + accel,
+		"/usr/bin/qemu-system-x86_64 -machine q35,accel=" + used,
 		"-m 128M -smp 1",
 		"-kernel /kata/vmlinux -initrd /kata/initrd.img",
 		"-device pcie-root-port,id=rp0,bus=pcie.0,chassis=0,slot=0,multifunction=false",
@@ -194,10 +213,6 @@ step plugin-log cat /tmp/plugin.log
 	} else {
 		t.Errorf("the second guest's QEMU did not exit cleanly:\n%s", out)
 	}
-	ranOn := accel
-	if strings.Contains(out, "coldplug kvm-stuck") {
-		ranOn = "tcg, after KVM did not get past the firmware"
-	}
 	t.Logf("first guest (TCG): kernel boot %s; second guest (%s): kernel boot %.2fs (its clock), QEMU start to exit %.1fs; whole run %s",
-		g.booted.Round(10*time.Millisecond), ranOn, l2Boot, ran, time.Since(start).Round(100*time.Millisecond))
+		g.booted.Round(10*time.Millisecond), accel, l2Boot, ran, time.Since(start).Round(100*time.Millisecond))
 }

@@ -36,7 +36,7 @@ func coldplug(args []string) error {
 	config := fs.String("config", "", "Kata configuration file")
 	cdiRoot := fs.String("cdi-root", "", "directory of the CDI specs")
 	dryRun := fs.Bool("dry-run", false, "print the command line only")
-	kvmLimit := fs.Duration("kvm-limit", 90*time.Second, "how long the guest may take on KVM before it is run again on TCG")
+	accelFlag := fs.String("accel", "auto", "kvm, tcg, or auto: kvm where /dev/kvm opens")
 	fs.Parse(args)
 	if *config == "" || *cdiRoot == "" || fs.NArg() == 0 {
 		usage()
@@ -84,70 +84,41 @@ func coldplug(args []string) error {
 		return fmt.Errorf("%s: pcie_root_port = %d, fewer than the %d functions to cold plug", *config, q.PCIeRootPort, len(functions))
 	}
 
-	argv := func(accel, cpu string) []string {
-		a := []string{q.Path,
-			"-machine", q.MachineType + ",accel=" + accel, "-cpu", cpu,
-			"-m", strconv.Itoa(q.DefaultMemory) + "M", "-smp", strconv.Itoa(max(q.DefaultVCPUs, 1)),
-			"-nodefaults", "-nographic", "-serial", "stdio", "-no-reboot",
-			"-kernel", q.Kernel, "-initrd", q.Initrd,
-			"-append", strings.TrimSpace(q.KernelParams + " console=ttyS0 panic=-1")}
-		// Kata's root ports: on the root bus, chassis 0, a slot each.
-		for i := range q.PCIeRootPort {
-			a = append(a, "-device", fmt.Sprintf("pcie-root-port,id=rp%d,bus=pcie.0,chassis=0,slot=%d,multifunction=false", i, i))
+	accel := *accelFlag
+	if accel == "auto" {
+		accel = "tcg"
+		if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err == nil {
+			f.Close()
+			accel = "kvm"
 		}
-		for i, f := range functions {
-			a = append(a, "-device", fmt.Sprintf("vfio-pci,host=%s,bus=rp%d", f, i))
-		}
-		return a
 	}
-	kvm := false
-	if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err == nil {
-		f.Close()
-		kvm = true
+	cpu := map[string]string{"kvm": "host", "tcg": "max"}[accel]
+	if cpu == "" {
+		return fmt.Errorf("--accel %q: want kvm, tcg or auto", *accelFlag)
 	}
-	if kvm {
-		// KVM nested in a TCG guest now and then never gets past the
-		// firmware (seen once in our first runs: stuck after SeaBIOS's
-		// "Booting from ROM" until the test's limit): such a run is
-		// killed and the guest runs again on TCG, which is slower.
-		stuck, err := runGuest("kvm", argv("kvm", "host"), *dryRun, *kvmLimit)
-		if !stuck {
-			return err
-		}
-		fmt.Printf("coldplug kvm-stuck seconds=%.0f: running again on TCG\n", kvmLimit.Seconds())
+	argv := []string{q.Path,
+		"-machine", q.MachineType + ",accel=" + accel, "-cpu", cpu,
+		"-m", strconv.Itoa(q.DefaultMemory) + "M", "-smp", strconv.Itoa(max(q.DefaultVCPUs, 1)),
+		"-nodefaults", "-nographic", "-serial", "stdio", "-no-reboot",
+		"-kernel", q.Kernel, "-initrd", q.Initrd,
+		"-append", strings.TrimSpace(q.KernelParams + " console=ttyS0 panic=-1")}
+	// Kata's root ports: on the root bus, chassis 0, a slot each.
+	for i := range q.PCIeRootPort {
+		argv = append(argv, "-device", fmt.Sprintf("pcie-root-port,id=rp%d,bus=pcie.0,chassis=0,slot=%d,multifunction=false", i, i))
 	}
-	_, err = runGuest("tcg", argv("tcg", "max"), *dryRun, 0)
-	return err
-}
-
-// runGuest runs QEMU with the guest's console on stdout; with a limit, a
-// QEMU still running after it is killed and reported stuck.
-func runGuest(accel string, argv []string, dryRun bool, limit time.Duration) (stuck bool, err error) {
+	for i, f := range functions {
+		argv = append(argv, "-device", fmt.Sprintf("vfio-pci,host=%s,bus=rp%d", f, i))
+	}
 	fmt.Printf("coldplug accel=%s %s\n", accel, strings.Join(argv, " "))
-	if dryRun {
-		return false, nil
+	if *dryRun {
+		return nil
 	}
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, os.Stdout, os.Stderr
 	start := time.Now()
-	if err := cmd.Start(); err != nil {
-		return false, err
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	var expire <-chan time.Time
-	if limit > 0 {
-		expire = time.After(limit)
-	}
-	select {
-	case err := <-done:
-		fmt.Printf("coldplug exit=%d seconds=%.1f\n", cmd.ProcessState.ExitCode(), time.Since(start).Seconds())
-		return false, err
-	case <-expire:
-		cmd.Process.Kill()
-		<-done
-		return true, fmt.Errorf("QEMU on %s still running after %s", accel, limit)
-	}
+	err = cmd.Run()
+	fmt.Printf("coldplug exit=%d seconds=%.1f\n", cmd.ProcessState.ExitCode(), time.Since(start).Seconds())
+	return err
 }
 
 // hostFunctions maps a CDI device node to the PCI functions behind it, as

@@ -134,6 +134,30 @@ func (k *kubelet) allocate(t *testing.T, name, res string, n int64) *devicemanag
 	return opts
 }
 
+// startPlugin runs the sandbox device plugin on the fake node's tree, its
+// log read once it has exited (at the end of the test, or by the caller
+// after a SIGTERM and Wait).
+func startPlugin(t *testing.T, pluginDir string, tree *vfiotest.Tree, cdiRoot string) (*exec.Cmd, *strings.Builder) {
+	t.Helper()
+	plugin := exec.Command(filepath.Join(binDir, "sandbox-device-plugin"),
+		"--device-plugin-path", pluginDir, "--sysfs-root", tree.SysfsRoot, "--dev-root", tree.DevRoot,
+		"--cdi-root", cdiRoot, "--vfio-mode", "legacy", "--log-format", "json")
+	plugin.Env = cleanEnv()
+	logs := &strings.Builder{}
+	plugin.Stderr = logs
+	if err := plugin.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		plugin.Process.Signal(syscall.SIGTERM)
+		plugin.Wait()
+		if t.Failed() {
+			t.Logf("plugin logs:\n%s", logs.String())
+		}
+	})
+	return plugin, logs
+}
+
 func TestDevicePluginWithKubeletDeviceManager(t *testing.T) {
 	if !inPrivateMounts(t) {
 		return
@@ -145,22 +169,7 @@ func TestDevicePluginWithKubeletDeviceManager(t *testing.T) {
 	cdiRoot := filepath.Join(t.TempDir(), "cdi")
 	k := startKubelet(t)
 
-	plugin := exec.Command(filepath.Join(binDir, "sandbox-device-plugin"),
-		"--device-plugin-path", pluginDir, "--sysfs-root", tree.SysfsRoot, "--dev-root", tree.DevRoot,
-		"--cdi-root", cdiRoot, "--vfio-mode", "legacy", "--log-format", "json")
-	plugin.Env = cleanEnv()
-	var logs strings.Builder
-	plugin.Stderr = &logs
-	if err := plugin.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		plugin.Process.Signal(syscall.SIGTERM)
-		plugin.Wait()
-		if t.Failed() {
-			t.Logf("plugin logs:\n%s", logs.String())
-		}
-	})
+	plugin, _ := startPlugin(t, pluginDir, tree, cdiRoot)
 
 	k.waitCapacity(t, map[string]int64{gpu: 8, nvswitch: 4})
 
@@ -312,22 +321,7 @@ func TestUpgradeFromGroupIDsKeepsTheVMsGPU(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	plugin := exec.Command(filepath.Join(binDir, "sandbox-device-plugin"),
-		"--device-plugin-path", pluginDir, "--sysfs-root", tree.SysfsRoot, "--dev-root", tree.DevRoot,
-		"--cdi-root", filepath.Join(t.TempDir(), "cdi"), "--vfio-mode", "legacy", "--log-format", "json")
-	plugin.Env = cleanEnv()
-	var logs strings.Builder
-	plugin.Stderr = &logs
-	if err := plugin.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		plugin.Process.Signal(syscall.SIGTERM)
-		plugin.Wait()
-		if t.Failed() {
-			t.Logf("plugin logs:\n%s", logs.String())
-		}
-	})
+	plugin, logs := startPlugin(t, pluginDir, tree, filepath.Join(t.TempDir(), "cdi"))
 	k.waitCapacity(t, map[string]int64{gpu: 7})
 
 	// Every GPU the kubelet will give is another one.

@@ -52,9 +52,12 @@ func TestPull(t *testing.T) {
 			}
 			reg.setCorrupt(step.corrupt)
 			defer reg.setCorrupt(false)
+			reg.setStep(step.name)
 			reg.served() // not the push's
+			stepOpts := opts
+			stepOpts.Transport = stepTransport{step: step.name}
 
-			res, err := artifacts.Pull(context.Background(), ref, dir, opts)
+			res, err := artifacts.Pull(context.Background(), ref, dir, stepOpts)
 			requests := reg.served()
 			if step.wantErr != nil {
 				if !errors.Is(err, step.wantErr) {

@@ -38,6 +38,28 @@ type testRegistry struct {
 	requests []string // "METHOD /path"
 	corrupt  bool
 	onServe  func(*http.Request)
+	step     string // requests marked with another step (stepHeader) are not recorded
+}
+
+// stepHeader marks a request with the test step that made it: a pull that
+// failed may still have requests on their way to the registry when it
+// returns, and they must not count for the next step's pull.
+const stepHeader = "X-Test-Step"
+
+// stepTransport marks every request with a step.
+type stepTransport struct{ step string }
+
+func (s stepTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	req = req.Clone(req.Context())
+	req.Header.Set(stepHeader, s.step)
+	return http.DefaultTransport.RoundTrip(req)
+}
+
+// setStep records, from now on, only requests of this step or unmarked.
+func (r *testRegistry) setStep(step string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.step = step
 }
 
 func startRegistry(t *testing.T) *testRegistry {
@@ -54,7 +76,9 @@ func startRegistry(t *testing.T) *testRegistry {
 	r := &testRegistry{}
 	r.handler = http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		r.mu.Lock()
-		r.requests = append(r.requests, req.Method+" "+req.URL.Path)
+		if s := req.Header.Get(stepHeader); s == "" || s == r.step {
+			r.requests = append(r.requests, req.Method+" "+req.URL.Path)
+		}
 		corrupt := r.corrupt && req.Method == http.MethodGet && strings.Contains(req.URL.Path, "/blobs/")
 		hook := r.onServe
 		r.mu.Unlock()

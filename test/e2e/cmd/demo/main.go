@@ -281,18 +281,39 @@ func (d *demo) run() error {
 		return err
 	}
 	kubelet.WaitForDevices(gpuResource, healthy(4))
-	say("the device plugin follows: %s: 4 (the held GPUs among them); nvidia keeps the other 4", gpuResource)
+	// The NVSwitches went back too: their CDI spec goes once the plugin
+	// has seen them leave vfio (its driver-link poll).
+	nvswitchSpec := filepath.Join(cdiRoot, "nvidia.com-nvswitch.yaml")
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, err := os.Stat(nvswitchSpec); os.IsNotExist(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s still there 10 s after the NVSwitches left vfio", nvswitchSpec)
+		}
+	}
+	say("the device plugin follows: %s: 4 (the held GPUs among them); nvidia keeps the other 4; no NVSwitch, and no NVSwitch CDI spec", gpuResource)
 
 	step("A rollout stops the agents: bindings, runtime classes and CDI specs stay (node state)")
 	testbed.Stop(mgr)
 	say("vfio-manager stopped: %s", lastLine(mgrLog))
+	specs, _ := os.ReadDir(cdiRoot)
 	testbed.Stop(plugin)
 	say("sandbox-device-plugin stopped: %s", lastLine(pluginLog))
 	testbed.Stop(km)
 	say("kata-manager stopped: %s", lastLine(kmLog))
 	kept, _ := os.ReadDir(cdiRoot)
 	stillThere, _ := os.ReadFile(dropIn)
-	say("CDI specs kept: %d; %s still registered: %v", len(kept), runtimeClass, bytes.Contains(stillThere, []byte(runtimeClass)))
+	keptAll := "all"
+	if names := func(es []os.DirEntry) (n []string) {
+		for _, e := range es {
+			n = append(n, e.Name())
+		}
+		return n
+	}; len(kept) == 0 || !slices.Equal(names(kept), names(specs)) {
+		keptAll = "not all"
+	}
+	say("CDI specs kept: %s (%d of %d); %s still registered: %v", keptAll, len(kept), len(specs), runtimeClass, bytes.Contains(stillThere, []byte(runtimeClass)))
 
 	step("Giving the node back, as an administrator does: uninstall, then unbind")
 	if err := d.show("kata-manager", append([]string{"uninstall"}, kmArgs...)...); err != nil {

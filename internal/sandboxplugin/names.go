@@ -19,9 +19,11 @@ type namer struct {
 	gpuAlias      string // P_GPU_ALIAS: all GPUs under one name
 	nvswitchAlias string // NVSWITCH_ALIAS: all NVSwitches under one name
 
-	// names is the pci.ids database, parsed for the scan in progress and
-	// dropped after it (forget): parsed, NVIDIA's block alone holds about
-	// 0.6 MiB of heap for a handful of names, which models keeps.
+	// names is the pci.ids lookup of the scan in progress, dropped after
+	// it (forget): NVIDIA's names are read from the raw block and cost
+	// nothing to keep, but another vendor's come from go-nvlib's whole
+	// database, about 6 MiB parsed, for a handful of names that models
+	// keeps.
 	names  *vfio.Names
 	models map[[2]uint16]string // vendor, device → name part
 }

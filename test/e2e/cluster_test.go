@@ -24,7 +24,6 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
-	ocilayout "github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	oci "github.com/opencontainers/runtime-spec/specs-go"
@@ -371,38 +370,13 @@ func importImages(t *testing.T, work string) {
 	layoutDir := os.Getenv(imagesEnv)
 	if layoutDir == "" {
 		layoutDir = filepath.Join(work, "oci")
-		cmd := exec.Command("go", "run", "./test/e2e/cmd/imagebuild", "--bin", binDir, "--version", testVersion, "--oci-layout", layoutDir)
-		cmd.Dir = repoRoot()
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("imagebuild: %v\n%s", err, out)
-		}
+		buildImages(t, layoutDir)
 	} else if !filepath.IsAbs(layoutDir) {
 		layoutDir = filepath.Join(repoRoot(), layoutDir)
 	}
 	refs := map[name.Reference]v1.Image{}
 	m := loadManifests(t)
-	p, err := ocilayout.FromPath(layoutDir)
-	if err != nil {
-		t.Fatalf("images (%s): %v", layoutDir, err)
-	}
-	idx, err := p.ImageIndex()
-	if err != nil {
-		t.Fatal(err)
-	}
-	im, err := idx.IndexManifest()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, d := range im.Manifests {
-		img, err := idx.Image(d.Digest)
-		if err != nil {
-			t.Fatal(err)
-		}
-		cfg, err := img.ConfigFile()
-		if err != nil {
-			t.Fatal(err)
-		}
-		agent := cfg.Config.Labels["org.opencontainers.image.title"]
+	for agent, img := range agentImages(t, layoutDir) {
 		if ds := m.daemonSets[agent]; ds != nil {
 			ref, err := name.ParseReference(ds.Spec.Template.Spec.Containers[0].Image)
 			if err != nil {

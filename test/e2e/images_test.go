@@ -13,6 +13,8 @@ import (
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	ocilayout "github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
@@ -105,6 +107,48 @@ func TestImages(t *testing.T) {
 			}
 		})
 	}
+}
+
+// buildImages builds our images without a Docker engine into an OCI
+// layout at dir.
+func buildImages(t *testing.T, dir string) {
+	t.Helper()
+	cmd := exec.Command("go", "run", "./test/e2e/cmd/imagebuild", "--bin", binDir, "--version", testVersion, "--oci-layout", dir)
+	cmd.Dir = repoRoot()
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("imagebuild: %v\n%s", err, out)
+	}
+}
+
+// agentImages reads the images of an OCI layout by agent: the image's
+// org.opencontainers.image.title label, as imagebuild writes it.
+func agentImages(t *testing.T, dir string) map[string]v1.Image {
+	t.Helper()
+	p, err := ocilayout.FromPath(dir)
+	if err != nil {
+		t.Fatalf("images (%s): %v", dir, err)
+	}
+	idx, err := p.ImageIndex()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := idx.IndexManifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	images := map[string]v1.Image{}
+	for _, d := range m.Manifests {
+		img, err := idx.Image(d.Digest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := img.ConfigFile()
+		if err != nil {
+			t.Fatal(err)
+		}
+		images[cfg.Config.Labels["org.opencontainers.image.title"]] = img
+	}
+	return images
 }
 
 // extract unpacks an image's file system into dir, refusing paths outside it.

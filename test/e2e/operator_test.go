@@ -16,7 +16,6 @@ import (
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 	"sigs.k8s.io/yaml"
 
-	ocilayout "github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/deviceplugin/deviceplugintest"
@@ -183,48 +182,21 @@ func slicesConcat(a, b []string) []string {
 	return append(append([]string{}, a...), b...)
 }
 
-// imageRootfs builds our images without a Docker engine and unpacks the
-// agent's into a directory named <agent>-rootfs.
+// imageRootfs builds our images and unpacks the agent's into a directory
+// named <agent>-rootfs.
 func imageRootfs(t *testing.T, agent string) string {
 	t.Helper()
 	dir := t.TempDir()
-	cmd := exec.Command("go", "run", "./test/e2e/cmd/imagebuild", "--bin", binDir, "--version", testVersion, "--oci-layout", filepath.Join(dir, "oci"))
-	cmd.Dir = repoRoot()
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("imagebuild: %v\n%s", err, out)
+	buildImages(t, filepath.Join(dir, "oci"))
+	img := agentImages(t, filepath.Join(dir, "oci"))[agent]
+	if img == nil {
+		t.Fatalf("no image of %s", agent)
 	}
-	p, err := ocilayout.FromPath(filepath.Join(dir, "oci"))
-	if err != nil {
+	root := filepath.Join(dir, agent+"-rootfs")
+	if err := extract(mutate.Extract(img), root); err != nil {
 		t.Fatal(err)
 	}
-	idx, err := p.ImageIndex()
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := idx.IndexManifest()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, d := range m.Manifests {
-		img, err := idx.Image(d.Digest)
-		if err != nil {
-			t.Fatal(err)
-		}
-		cfg, err := img.ConfigFile()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if cfg.Config.Labels["org.opencontainers.image.title"] != agent {
-			continue
-		}
-		root := filepath.Join(dir, agent+"-rootfs")
-		if err := extract(mutate.Extract(img), root); err != nil {
-			t.Fatal(err)
-		}
-		return root
-	}
-	t.Fatalf("no image of %s", agent)
-	return ""
+	return root
 }
 
 func needRoot(t *testing.T) {

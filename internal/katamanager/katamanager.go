@@ -10,8 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"runtime/debug"
@@ -27,6 +25,7 @@ import (
 	"github.com/gpu-sandbox/gpu-sandbox/internal/atomicfile"
 	"github.com/gpu-sandbox/gpu-sandbox/internal/cli"
 	"github.com/gpu-sandbox/gpu-sandbox/internal/modprobe"
+	"github.com/gpu-sandbox/gpu-sandbox/internal/probe"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/artifacts"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/containerd"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/kata"
@@ -638,21 +637,16 @@ func (a *agent) cleanup() {
 	a.log.Info("stopped; runtime classes removed (--cleanup-on-exit)")
 }
 
+// serveHTTP serves /healthz and /readyz.
 func (a *agent) serveHTTP(addr string) (func(), error) {
-	lis, err := net.Listen("tcp", addr)
+	srv, err := probe.Listen(addr, probe.Handlers{Ready: func() string {
+		if a.ready.Load() {
+			return ""
+		}
+		return *a.reason.Load()
+	}})
 	if err != nil {
 		return nil, fmt.Errorf("--health-address %q: %w", addr, err)
 	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !a.ready.Load() {
-			http.Error(w, "not ready: "+*a.reason.Load(), http.StatusServiceUnavailable)
-			return
-		}
-		fmt.Fprintln(w, "ok")
-	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go func() { _ = srv.Serve(lis) }()
-	return func() { _ = srv.Close() }, nil
+	return srv.Close, nil
 }

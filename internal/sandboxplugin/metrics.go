@@ -1,12 +1,10 @@
 package sandboxplugin
 
 import (
-	"bufio"
 	"bytes"
 	"fmt"
 	"io"
 	"maps"
-	"net/http"
 	"os"
 	"runtime"
 	"slices"
@@ -75,15 +73,6 @@ func (m *metrics) registered(resource string) {
 	m.mu.Lock()
 	m.registrations[resource]++
 	m.mu.Unlock()
-}
-
-func (m *metrics) handler() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-		bw := bufio.NewWriter(w)
-		m.write(bw)
-		_ = bw.Flush()
-	})
 }
 
 // write writes every series, families in a fixed order and series sorted.

@@ -9,8 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"runtime/debug"
@@ -26,6 +24,7 @@ import (
 	specs "tags.cncf.io/container-device-interface/specs-go"
 
 	"github.com/gpu-sandbox/gpu-sandbox/internal/cli"
+	"github.com/gpu-sandbox/gpu-sandbox/internal/probe"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/cdi"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/deviceplugin"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
@@ -706,24 +705,12 @@ func (p *plugin) write(kind string, spec *specs.Spec, err error) {
 
 // serveHTTP serves /healthz, /readyz and /metrics.
 func (p *plugin) serveHTTP(addr string) (stop func(), err error) {
-	lis, err := net.Listen("tcp", addr)
+	srv, err := probe.Listen(addr, probe.Handlers{Ready: p.notReady, Metrics: p.m.write})
 	if err != nil {
 		return nil, fmt.Errorf("--health-address %q: %w", addr, err)
 	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if msg := p.notReady(); msg != "" {
-			http.Error(w, msg, http.StatusServiceUnavailable)
-			return
-		}
-		fmt.Fprintln(w, "ok")
-	})
-	mux.Handle("/metrics", p.m.handler())
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go func() { _ = srv.Serve(lis) }()
-	p.log.WithField("address", lis.Addr().String()).Info("serving /healthz, /readyz and /metrics")
-	return func() { _ = srv.Close() }, nil
+	p.log.WithField("address", srv.Addr().String()).Info("serving /healthz, /readyz and /metrics")
+	return srv.Close, nil
 }
 
 // notReady says why the agent is not ready, "" when it is: the first scan is

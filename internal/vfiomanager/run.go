@@ -3,14 +3,14 @@ package vfiomanager
 import (
 	"context"
 	"fmt"
-	"net"
-	"net/http"
+	"io"
 	"runtime/debug"
 	"slices"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/gpu-sandbox/gpu-sandbox/internal/probe"
 	"github.com/gpu-sandbox/gpu-sandbox/internal/readiness"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio/policy"
@@ -414,41 +414,39 @@ func (a *agent) setReady(h *health, ready bool, reason string) error {
 	return nil
 }
 
+// serveHTTP serves /healthz, /readyz and /metrics.
 func serveHTTP(addr string, h *health) (func(), error) {
-	lis, err := net.Listen("tcp", addr)
+	srv, err := probe.Listen(addr, probe.Handlers{Ready: h.notReady, Metrics: h.write})
 	if err != nil {
 		return nil, fmt.Errorf("--health-address %q: %w", addr, err)
 	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		h.mu.Lock()
-		ready, reason := h.ready, h.reason
-		h.mu.Unlock()
-		if !ready {
-			http.Error(w, "not ready: "+reason, http.StatusServiceUnavailable)
-			return
-		}
-		fmt.Fprintln(w, "ok")
-	})
-	mux.HandleFunc("/metrics", func(w http.ResponseWriter, _ *http.Request) {
-		h.mu.Lock()
-		defer h.mu.Unlock()
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-		fmt.Fprintf(w, "# HELP gpu_sandbox_vfio_groups IOMMU groups by state after the last reconcile: chosen for VMs and bound, chosen and failed, to give back but held by a process.\n"+
-			"# TYPE gpu_sandbox_vfio_groups gauge\n"+
-			"gpu_sandbox_vfio_groups{state=\"bound\"} %d\ngpu_sandbox_vfio_groups{state=\"failed\"} %d\n"+
-			"gpu_sandbox_vfio_groups{state=\"held_to_give_back\"} %d\n"+
-			"# HELP gpu_sandbox_vfio_reconciles_total Reconciles run, and those that left a group unbound.\n"+
-			"# TYPE gpu_sandbox_vfio_reconciles_total counter\n"+
-			"gpu_sandbox_vfio_reconciles_total{result=\"all_bound\"} %d\ngpu_sandbox_vfio_reconciles_total{result=\"failed\"} %d\n"+
-			"# HELP gpu_sandbox_vfio_ready Whether every selected group is bound.\n"+
-			"# TYPE gpu_sandbox_vfio_ready gauge\ngpu_sandbox_vfio_ready %d\n",
-			h.bound, h.failed, h.pending, h.reconciles-h.failedTotal, h.failedTotal, btoi(h.ready))
-	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go func() { _ = srv.Serve(lis) }()
-	return func() { _ = srv.Close() }, nil
+	return srv.Close, nil
+}
+
+// notReady says why the agent is not ready, "" when it is.
+func (h *health) notReady() string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.ready {
+		return ""
+	}
+	return h.reason
+}
+
+// write writes the metrics in Prometheus's text format.
+func (h *health) write(w io.Writer) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	fmt.Fprintf(w, "# HELP gpu_sandbox_vfio_groups IOMMU groups by state after the last reconcile: chosen for VMs and bound, chosen and failed, to give back but held by a process.\n"+
+		"# TYPE gpu_sandbox_vfio_groups gauge\n"+
+		"gpu_sandbox_vfio_groups{state=\"bound\"} %d\ngpu_sandbox_vfio_groups{state=\"failed\"} %d\n"+
+		"gpu_sandbox_vfio_groups{state=\"held_to_give_back\"} %d\n"+
+		"# HELP gpu_sandbox_vfio_reconciles_total Reconciles run, and those that left a group unbound.\n"+
+		"# TYPE gpu_sandbox_vfio_reconciles_total counter\n"+
+		"gpu_sandbox_vfio_reconciles_total{result=\"all_bound\"} %d\ngpu_sandbox_vfio_reconciles_total{result=\"failed\"} %d\n"+
+		"# HELP gpu_sandbox_vfio_ready Whether every selected group is bound.\n"+
+		"# TYPE gpu_sandbox_vfio_ready gauge\ngpu_sandbox_vfio_ready %d\n",
+		h.bound, h.failed, h.pending, h.reconciles-h.failedTotal, h.failedTotal, btoi(h.ready))
 }
 
 func btoi(b bool) int {

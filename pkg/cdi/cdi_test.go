@@ -1,6 +1,7 @@
 package cdi_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
@@ -12,6 +13,7 @@ import (
 
 	oci "github.com/opencontainers/runtime-spec/specs-go"
 	cdiapi "tags.cncf.io/container-device-interface/pkg/cdi"
+	specs "tags.cncf.io/container-device-interface/specs-go"
 
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/cdi"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio"
@@ -20,7 +22,7 @@ import (
 
 // boundNode binds every GPU of the preset to vfio and returns what the
 // device plugin would discover.
-func boundNode(t *testing.T, n vfiotest.Node) (*vfio.Sysfs, []*vfio.Passthrough) {
+func boundNode(t testing.TB, n vfiotest.Node) (*vfio.Sysfs, []*vfio.Passthrough) {
 	t.Helper()
 	tree, _ := vfiotest.New(t, n)
 	m := vfio.NewManager(t.TempDir(), vfio.WithSysfsRoot(tree.SysfsRoot), vfio.WithDevRoot(tree.DevRoot),
@@ -160,6 +162,128 @@ func TestWriterWritesOnlyChangesAndInjects(t *testing.T) {
 	}
 	if err := w.Remove(cdi.PassthroughKind); err != nil {
 		t.Errorf("second Remove: %v", err)
+	}
+}
+
+// An unchanged spec is not written again, but whatever happened to the
+// file since (an edit in place, a replacement, a removal) is undone.
+func TestWriterRestoresAFileChangedBehindIt(t *testing.T) {
+	sysfs, devices := boundNode(t, vfiotest.A10WithAudio())
+	root := filepath.Join(t.TempDir(), "cdi")
+	w, err := cdi.NewWriter(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	build := func() *specs.Spec {
+		spec, err := cdi.NewSpec(cdi.PassthroughKind, devices, cdi.SpecOptions{NodeOptions: cdi.NodeOptions{Sysfs: sysfs}, ByIndex: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return spec
+	}
+	if wrote, err := w.Write(build()); !wrote || err != nil {
+		t.Fatalf("first write: %v, %v", wrote, err)
+	}
+	path := w.Path(cdi.PassthroughKind)
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	same := func(what string) {
+		t.Helper()
+		if wrote, err := w.Write(build()); wrote || err != nil {
+			t.Errorf("%s: wrote %v, %v; want nothing to do", what, wrote, err)
+		}
+	}
+	restored := func(what string) {
+		t.Helper()
+		if wrote, err := w.Write(build()); !wrote || err != nil {
+			t.Errorf("%s: wrote %v, %v; want the spec written again", what, wrote, err)
+		}
+		if got, _ := os.ReadFile(path); !bytes.Equal(got, want) {
+			t.Errorf("%s: the file holds\n%s\nwant\n%s", what, got, want)
+		}
+	}
+	same("unchanged")
+
+	// An edit in place, of the same size: the time tells.
+	edited := bytes.Replace(want, []byte("/dev/vfio/vfio"), []byte("/dev/vfio/xxxx"), 1)
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(edited, 0); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	future := time.Now().Add(time.Hour) // past the file system's timestamp tick
+	if err := os.Chtimes(path, future, future); err != nil {
+		t.Fatal(err)
+	}
+	restored("edited in place")
+	same("after the edit was undone")
+
+	// Replaced by a rename, as editors and installers do: a new inode.
+	other := filepath.Join(root, "other")
+	if err := os.WriteFile(other, edited, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(other, path); err != nil {
+		t.Fatal(err)
+	}
+	restored("replaced")
+
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	restored("removed")
+
+	// A spec the writer did not write, already on disk with the same
+	// bytes (a new process after a rollout), is left alone.
+	fresh, err := cdi.NewWriter(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if wrote, err := fresh.Write(build()); wrote || err != nil {
+		t.Errorf("a new writer over the same bytes: wrote %v, %v", wrote, err)
+	}
+
+	// A changed spec is written, whatever is remembered.
+	changed := build()
+	changed.Devices = changed.Devices[:1]
+	if wrote, err := w.Write(changed); !wrote || err != nil {
+		t.Errorf("changed spec: wrote %v, %v", wrote, err)
+	}
+	if err := w.Remove(cdi.PassthroughKind); err != nil {
+		t.Fatal(err)
+	}
+	restored("after Remove")
+}
+
+// BenchmarkWriteUnchanged is the device plugin's rescan of a node where
+// nothing changed: every spec written again.
+func BenchmarkWriteUnchanged(b *testing.B) {
+	sysfs, devices := boundNode(b, vfiotest.HGXH100())
+	w, err := cdi.NewWriter(filepath.Join(b.TempDir(), "cdi"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	spec := func() *specs.Spec {
+		s, err := cdi.NewSpec(cdi.PassthroughKind, devices, cdi.SpecOptions{NodeOptions: cdi.NodeOptions{Sysfs: sysfs}, ByIndex: true, ByGroup: true})
+		if err != nil {
+			b.Fatal(err)
+		}
+		return s
+	}
+	if _, err := w.Write(spec()); err != nil {
+		b.Fatal(err)
+	}
+	s := spec()
+	b.ReportAllocs()
+	for b.Loop() {
+		if wrote, err := w.Write(s); wrote || err != nil {
+			b.Fatal(wrote, err)
+		}
 	}
 }
 

@@ -20,6 +20,7 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 	specs "tags.cncf.io/container-device-interface/specs-go"
 
@@ -63,6 +64,9 @@ type Config struct {
 	PollInterval time.Duration
 	// RescanInterval is how often everything is read again regardless.
 	RescanInterval time.Duration
+	// IdleGCPercent, when positive, is the garbage collector's percentage
+	// (GOGC) once start-up is over; start-up runs at the process's own.
+	IdleGCPercent int
 
 	Log *logrus.Logger
 }
@@ -89,10 +93,12 @@ type device struct {
 	Nodes   []string // device nodes in the current mode
 	// hostNodes are Nodes under --dev-root, as /dev events name them.
 	hostNodes []string
-	Funcs     []string // addresses of the group's functions
-	Healthy   bool
-	Present   bool // seen on the last scan (held by vfio)
-	passthru  *vfio.Passthrough
+	// driverLinks are the sysfs driver links of Funcs, read by the poll.
+	driverLinks []string
+	Funcs       []string // addresses of the group's functions
+	Healthy     bool
+	Present     bool // seen on the last scan (held by vfio)
+	passthru    *vfio.Passthrough
 }
 
 // snapshot is the state Allocate reads: replaced whole, never changed.
@@ -215,6 +221,9 @@ func (p *plugin) run(ctx context.Context) error {
 			// RSS is what every node pays. Not before: the collection
 			// would take the processors the registrations wait for.
 			go debug.FreeOSMemory()
+			if p.cfg.IdleGCPercent > 0 {
+				debug.SetGCPercent(p.cfg.IdleGCPercent)
+			}
 		}
 	}
 	if p.notReady() == "" {
@@ -266,8 +275,17 @@ func (p *plugin) run(ctx context.Context) error {
 		case <-rescan.C:
 			p.scan(srvCtx)
 		case <-p.registered:
-			if p.notReady() == "" {
+			switch {
+			case p.notReady() != "":
+			case p.specsHeld:
 				release()
+			default:
+				// Registered again, the kubelet having restarted: the
+				// old connections and their buffers are garbage. As
+				// after start, hand them back now: left to the runtime,
+				// a node kept about 4 MiB more for good after one
+				// restart (RssAnon 3.6 to 7.4 MiB in make bench's storm).
+				go debug.FreeOSMemory()
 			}
 		case <-hold.C:
 			release()
@@ -366,18 +384,20 @@ func (p *plugin) scan(ctx context.Context) {
 			}
 			d.claimed = claim
 		}
-		healthy := err == nil && pt.Ready() && p.nodesExist(nodes) && claim == ""
-		funcs := make([]string, len(pt.Functions))
-		for i, f := range pt.Functions {
-			funcs[i] = f.Address
-		}
-		p.logHealth(d, healthy, true, d.Healthy)
 		hostNodes := make([]string, len(nodes))
 		for i, n := range nodes {
 			hostNodes[i] = p.hostPath(n)
 		}
-		d.NUMA, d.Path, d.Nodes, d.hostNodes, d.Funcs, d.Healthy, d.Present, d.passthru =
-			pt.NUMANode(), pt.Primary.Path, nodes, hostNodes, funcs, healthy, true, pt
+		healthy := err == nil && pt.Ready() && nodesExist(hostNodes) && claim == ""
+		funcs := make([]string, len(pt.Functions))
+		links := make([]string, len(pt.Functions))
+		for i, f := range pt.Functions {
+			funcs[i] = f.Address
+			links[i] = filepath.Join(p.sysfs.DevicePath(f.Address), "driver")
+		}
+		p.logHealth(d, healthy, true, d.Healthy)
+		d.NUMA, d.Path, d.Nodes, d.hostNodes, d.Funcs, d.driverLinks, d.Healthy, d.Present, d.passthru =
+			pt.NUMANode(), pt.Primary.Path, nodes, hostNodes, funcs, links, healthy, true, pt
 	}
 	p.namer.forget()
 	for id, d := range p.known {
@@ -407,7 +427,7 @@ func (p *plugin) nodeEvent(ctx context.Context, ev fsnotify.Event) {
 		if !d.Present || d.Healthy != gone || !names(d, ev.Name) {
 			continue
 		}
-		if !gone && !(d.claimed == "" && d.passthru.Ready() && p.nodesExist(d.Nodes) && p.onVFIO(d.Funcs)) {
+		if !gone && !(d.claimed == "" && d.passthru.Ready() && nodesExist(d.hostNodes) && onVFIO(d.driverLinks)) {
 			continue
 		}
 		changed = append(changed, d)
@@ -565,20 +585,23 @@ func (p *plugin) hostPath(node string) string {
 	return filepath.Join(p.cfg.DevRoot, strings.TrimPrefix(node, "/dev/"))
 }
 
-func (p *plugin) nodesExist(nodes []string) bool {
-	for _, n := range nodes {
-		if _, err := os.Stat(p.hostPath(n)); err != nil {
+// nodesExist reports whether every device node (under --dev-root) exists.
+func nodesExist(hostNodes []string) bool {
+	var st unix.Stat_t
+	for _, n := range hostNodes {
+		if unix.Stat(n, &st) != nil {
 			return false
 		}
 	}
 	return true
 }
 
-// onVFIO reports whether every function is bound to a vfio driver now.
-func (p *plugin) onVFIO(funcs []string) bool {
-	for _, addr := range funcs {
-		target, err := os.Readlink(filepath.Join(p.sysfs.DevicePath(addr), "driver"))
-		if err != nil || !vfio.IsVFIODriver(filepath.Base(target)) {
+// onVFIO reports whether every function, by its sysfs driver link, is
+// bound to a vfio driver now.
+func onVFIO(driverLinks []string) bool {
+	for _, link := range driverLinks {
+		driver, err := vfio.ReadLinkBase(link)
+		if err != nil || !vfio.IsVFIODriver(driver) {
 			return false
 		}
 	}
@@ -589,7 +612,7 @@ func (p *plugin) onVFIO(funcs []string) bool {
 // scan for any advertised device: cheap enough to run every PollInterval.
 func (p *plugin) stale() bool {
 	for _, d := range p.state.Load().devices {
-		if d.Present && (p.nodesExist(d.Nodes) && p.onVFIO(d.Funcs)) != d.Healthy {
+		if d.Present && (nodesExist(d.hostNodes) && onVFIO(d.driverLinks)) != d.Healthy {
 			return true
 		}
 	}

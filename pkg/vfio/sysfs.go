@@ -1,6 +1,7 @@
 package vfio
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -213,14 +214,44 @@ func readUint16(dir, name string) (uint16, error) {
 // linkBase is the last element of a symbolic link's target, "" when the link
 // does not exist.
 func linkBase(dir, name string) (string, error) {
-	target, err := os.Readlink(filepath.Join(dir, name))
-	if errors.Is(err, fs.ErrNotExist) {
-		return "", nil
-	}
+	base, err := ReadLinkBase(filepath.Join(dir, name))
 	if err != nil {
 		return "", fmt.Errorf("read link %s: %w", name, err)
 	}
-	return filepath.Base(target), nil
+	return base, nil
+}
+
+// ReadLinkBase returns the last element of the target of the symbolic link
+// at path, as the driver link of a device names its driver ("vfio-pci"),
+// or "" when there is no link. Like ReadAttr, it reads into a stack buffer:
+// the device plugin checks every device's driver links four times a
+// second.
+func ReadLinkBase(path string) (string, error) {
+	var buf [256]byte
+	n, err := unix.Readlink(path, buf[:])
+	switch {
+	case errors.Is(err, unix.ENOENT):
+		return "", nil
+	case err != nil:
+		return "", &fs.PathError{Op: "readlink", Path: path, Err: err}
+	case n == len(buf): // perhaps cut short: ask the long way
+		target, err := os.Readlink(path)
+		if errors.Is(err, fs.ErrNotExist) {
+			return "", nil
+		}
+		if err != nil {
+			return "", err
+		}
+		return filepath.Base(target), nil
+	}
+	target := buf[:n]
+	for len(target) > 1 && target[len(target)-1] == '/' {
+		target = target[:len(target)-1]
+	}
+	if i := bytes.LastIndexByte(target, '/'); i >= 0 && i < len(target)-1 {
+		target = target[i+1:]
+	}
+	return string(target), nil
 }
 
 // modalias rebuilds the kernel's alias from the ids for trees that lack the file.

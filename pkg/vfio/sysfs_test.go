@@ -166,3 +166,26 @@ func TestNewNamesUnreadable(t *testing.T) {
 		t.Errorf("NewNames(%s) = %v; want an error naming the file", missing, err)
 	}
 }
+
+func TestReadLinkBase(t *testing.T) {
+	dir := t.TempDir()
+	long := strings.Repeat("d/", 200) + "vfio-pci" // past the stack buffer
+	for name, target := range map[string]string{
+		"driver": "../../../bus/pci/drivers/vfio-pci", "slash": "../drivers/nvidia/", "bare": "vfio-pci", "long": long,
+	} {
+		if err := os.Symlink(target, filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(dir, "file"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]string{"driver": "vfio-pci", "slash": "nvidia", "bare": "vfio-pci", "long": "vfio-pci", "missing": ""} {
+		if got, err := vfio.ReadLinkBase(filepath.Join(dir, name)); got != want || err != nil {
+			t.Errorf("%s: %q, %v; want %q", name, got, err, want)
+		}
+	}
+	if _, err := vfio.ReadLinkBase(filepath.Join(dir, "file")); err == nil || !strings.Contains(err.Error(), "file") {
+		t.Errorf("not a link: %v; want an error naming it", err)
+	}
+}

@@ -62,17 +62,18 @@ func main() {
 	}
 }
 
-var sectionNames = []string{"go", "plugins", "pulls", "kata-start", "bind", "rss", "storm"}
+var sectionNames = []string{"go", "plugins", "pulls", "kata-start", "bind", "rss", "storm", "idle"}
 
 func (b *bench) run(out, only string) error {
 	sections := map[string]func(){"go": b.goBenchmarks, "pulls": b.pulls, "kata-start": b.kataManagerStart,
-		"plugins": b.plugins, "bind": b.vfioBind, "rss": b.idleRSS, "storm": b.restartStorm}
+		"plugins": b.plugins, "bind": b.vfioBind, "rss": b.idleRSS, "storm": b.restartStorm, "idle": b.idle}
 	names := sectionNames
 	if only != "" {
 		names = strings.Split(only, ",")
 	}
 	// The programs each section runs: -only builds no more than it needs.
 	programs := map[string][]string{"plugins": {"./cmd/sandbox-device-plugin", "./test/e2e/cmd/bench/emptyplugin"},
+		"idle":  {"./cmd/sandbox-device-plugin", "./test/e2e/cmd/bench/emptyplugin"},
 		"pulls": {"./cmd/kata-manager"}, "kata-start": {"./cmd/kata-manager"}, "bind": {"./cmd/vfio-manager"},
 		"rss": {"./test/e2e/cmd/emptygrpc", "./cmd/vfio-manager", "./cmd/kata-manager"}, "storm": {"./cmd/sandbox-device-plugin"}}
 	build := []string{"build", "-trimpath", "-o", filepath.Join(b.Dir, "bin") + "/"}
@@ -557,23 +558,48 @@ Reading the figures:
   The plugin runs on one processor (GOMAXPROCS=1 unless the environment
   sets it): with two, a hand-off between its goroutines could wake a
   thread on the other CPU, and ours trailed the floor by 30 to 50 µs;
-  with one, by 3 to 22 µs in the runs measured, within the noise.
-  Before, every event ran a full sysfs scan first: 1470 µs (1365–1611) in
-  this harness, 5 runs. A node coming back waits for the CDI spec to be
-  rewritten and synced, since it may have a new minor: about 1.2 ms.
+  with one, between 22 µs ahead and 58 µs behind over the twelve runs of
+  this session, most within 20 µs either way: the noise of two shared
+  cores. Before, every event ran a full sysfs scan first: 1470 µs
+  (1365–1611) in this harness, 5 runs. A node coming back waits for the
+  CDI spec to be checked, and rewritten and synced if its minor changed:
+  about 0.8 ms, 1.2 ms when every rescan encoded the specs again.
 - **Start.** Registered means every resource registered with the kubelet;
   the devices turn Healthy when their CDI specs are written, which the
   plugin does right after registering so as not to slow it down (the next
   row). Before: 18.8 ms (16.5–26.8) to registered, 21.7 ms to Healthy.
+  Model names are looked up in the raw pci.ids block rather than parsed
+  out of it with go-nvlib's parser: the scan before registering went from
+  3.4–4.0 ms to 1.1–1.3 ms (14.8 to 12.1 ms to registered, medians of two
+  plugins-only runs on a busy day). What remains of that scan is reading
+  sysfs; the rest is the process starting (about 4 ms, as the empty
+  plugin's) and the registrations' round trips with the kubelet. The
+  collector keeps Go's default during start-up: at GOGC=25 it cost 2 to
+  3 ms more.
 - **Device plugin memory.** Measured as each change went in, VmRSS / RssAnon
   on issue 19's node: 16.7 / 4.7 MiB at the start; the parsed pci.ids
   database no longer kept after naming, -0.8 / -0.8 MiB; /metrics written by
   hand instead of the Prometheus client and its collectors, -1.5 / -0.6 MiB
   (binary 22.1 to 20.9 MB); model names without regular expressions and
   the heap handed back after registering rather than during it, about -0.1
-  / -0.1 MiB. What remains above the empty plugin is mostly the pages of
-  the CDI library, YAML and logrus in the binary, and one fsnotify watcher
-  per resource (a 64 KiB read buffer on each watcher's stack).
+  / -0.1 MiB; the probe endpoints served without net/http's server
+  (internal/probe), -0.7 / -0.0 MiB (binary 21.1 to 18.8 MB: the TLS
+  handshake and HTTP/2 came with http.Server). On this kernel almost all
+  of a binary's code and read-only data is resident once it runs, so
+  VmRSS follows the binary's size. What remains above the empty plugin is
+  mostly the pages of the CDI library, YAML and logrus in the binary, and
+  one fsnotify watcher per resource (about 84 KiB each, most of it the
+  read buffer on the watcher's stack).
+- **Idle over minutes.** The idle section leaves both plugins idle for 3
+  minutes, alone on the machine, and reads them again. The empty plugin
+  allocates nothing when idle. Ours polls driver links four
+  times a second and rescans every 30 s, about 13 KB/s on the HGX preset
+  once the poll read precomputed paths into stack buffers and an
+  unchanged CDI spec stopped being encoded again (73 KB/s before). Go
+  lets the heap grow to its goal before collecting and keeps the pages,
+  so the goal decides: once started, the plugin collects at GOGC=25
+  (about 1 MiB here), where the default 4 MiB goal took RssAnon from 2.6
+  past 4.3 MiB within 3 minutes and on towards 6.
 - **Idle RSS of the other agents.** Most of an agent's resident memory is
   clean pages of its own binary, shared by every process of the same image
   and reclaimable; the private column is what the agent allocated.

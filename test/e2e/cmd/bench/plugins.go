@@ -81,6 +81,7 @@ type received struct {
 }
 
 func startKubelet(b *bench, dir string) *kubelet {
+	klog.SetLogger(logr.Discard()) // the registration server logs every Register and every stream's end
 	k := &kubelet{changed: make(chan struct{}), connected: map[string]connection{}, lists: map[string]received{}}
 	srv, err := kubeletplugin.NewServer(logr.Discard(), filepath.Join(dir, "kubelet.sock"), k, k)
 	if err != nil {
@@ -194,7 +195,6 @@ func (b *bench) plugins() {
 			{DevicesIds: []string{"0"}}}},
 		resource: empty, healthID: "0", node: floorNode}
 
-	klog.SetLogger(logr.Discard()) // the registration server logs every Register
 	b.load("before the plugin runs")
 	var results [2][]pluginResult
 	for run := range b.runs {
@@ -394,4 +394,64 @@ func (b *bench) load(when string) {
 	line := fmt.Sprintf("load average %s: %s", when, strings.Join(strings.Fields(string(avg))[:3], " "))
 	fmt.Println(line)
 	b.loads = append(b.loads, line)
+}
+
+// idleFor is how long the idle section watches the plugins: past the
+// collections that an idle plugin's polls and rescans lead to (one about
+// every 75 s on the HGX preset).
+const idleFor = 3 * time.Minute
+
+// idle starts ours (on the HGX preset) and the empty plugin under one
+// kubelet, leaves them idle for idleFor and reads their memory again.
+// Memory 2 s after registering says little of a node's day: Go lets the
+// heap grow to its goal before collecting.
+func (b *bench) idle() {
+	tree, err := vfiotest.Build(b.TempDir(), vfiotest.BoundToVFIO(vfiotest.HGXH100()))
+	if err != nil {
+		b.Fatal(err)
+	}
+	dir := b.TempDir()
+	k := startKubelet(b, dir)
+	const empty = "example.com/empty"
+	cands := []struct {
+		name      string
+		cmd       *exec.Cmd
+		resources []string
+	}{
+		{"ours", exec.Command(filepath.Join(b.bin, "sandbox-device-plugin"), "--device-plugin-path", dir,
+			"--sysfs-root", tree.SysfsRoot, "--dev-root", tree.DevRoot, "--cdi-root", filepath.Join(dir, "cdi")),
+			[]string{"nvidia.com/GH100_H100_SXM5_80GB", "nvidia.com/nvswitch"}},
+		{"empty plugin", exec.Command(filepath.Join(b.bin, "emptyplugin"), dir, empty, "8"), []string{empty}},
+	}
+	var at2 [2]memory
+	for i, c := range cands {
+		if err := c.cmd.Start(); err != nil {
+			b.Fatal(err)
+		}
+		defer testbed.Stop(c.cmd)
+		registered := k.waitFor(b, c.name+" registered", func(conns map[string]connection, _ map[string]received) (time.Time, bool) {
+			var last time.Time
+			for _, r := range c.resources {
+				conn, ok := conns[r]
+				if !ok {
+					return last, false
+				}
+				last = later(last, conn.at)
+			}
+			return last, true
+		})
+		time.Sleep(time.Until(registered.Add(2 * time.Second)))
+		at2[i] = vmRSS(b, c.cmd.Process.Pid)
+	}
+	defer k.stop()
+	time.Sleep(idleFor)
+	var later [2]memory
+	for i, c := range cands {
+		later[i] = vmRSS(b, c.cmd.Process.Pid)
+	}
+	show := func(m memory) string { return fmt.Sprintf("%s / %s", mib(m.rss), mib(m.anon)) }
+	b.add(row{fmt.Sprintf("device plugin idle VmRSS / RssAnon, HGX preset (8 GPUs, 4 NVSwitches; poll 4/s, rescan every 30 s): 2 s after registered → %s later", idleFor),
+		show(at2[0]) + " → " + show(later[0]), show(at2[1]) + " → " + show(later[1]) + " (empty plugin, same kubelet)",
+		fmt.Sprintf("%+.1f / %+.1f MiB", float64(later[0].rss-at2[0].rss)/1024, float64(later[0].anon-at2[0].anon)/1024),
+		"≤ 15 MiB, bounded", "make bench (idle section: both plugins idle, nothing else running)"})
 }

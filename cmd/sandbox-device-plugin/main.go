@@ -51,7 +51,7 @@ func run() error {
 	fs.StringVar(&cfg.NVSwitchAlias, "nvswitch-alias", sandboxplugin.DefaultNVSwitchAlias, "resource name for NVSwitches; empty for per-model names")
 	fs.StringVar(&cfg.Select, "select", vfio.DefaultSelect, "vendor[:device] hex ids to advertise; 10de means NVIDIA GPUs and NVSwitches")
 	fs.StringVar(&cfg.HealthAddress, "health-address", "", "address for /healthz, /readyz and /metrics, e.g. :8081 (empty: none)")
-	fs.StringVar(&cfg.PCIIDs, "pci-ids", "", "pci.ids file for model names (default: the system's, else built in)")
+	fs.StringVar(&cfg.PCIIDs, "pci-ids", "", "pci.ids file for model names (default: go-nvlib's copy, built in, for NVIDIA's devices)")
 	fs.DurationVar(&cfg.PollInterval, "health-poll-interval", sandboxplugin.DefaultPollInterval, "how often driver links are checked for changes /dev does not show")
 	fs.DurationVar(&cfg.RescanInterval, "rescan-interval", sandboxplugin.DefaultRescanInterval, "how often everything is read again")
 	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")

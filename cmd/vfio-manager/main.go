@@ -64,7 +64,7 @@ func run() error {
 	fs.DurationVar(&cfg.Timeout, "timeout", vfio.DefaultTimeout, "how long one device may take to change driver")
 	fs.BoolVar(&cfg.DryRun, "dry-run", false, "report what would change and change nothing")
 	fs.BoolVar(&cfg.LoadModules, "load-modules", true, "load missing vfio drivers with the host's modprobe")
-	fs.StringVar(&cfg.PCIIDs, "pci-ids", "", "pci.ids file for device names (default: the system's, else built in)")
+	fs.StringVar(&cfg.PCIIDs, "pci-ids", "", "pci.ids file for device names (default: go-nvlib's copy, built in, for NVIDIA's devices)")
 	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	for flag, env := range map[string]string{

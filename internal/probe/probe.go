@@ -42,9 +42,14 @@ const (
 	// maxHeader bounds the request line and headers together; a probe's
 	// are about 150 bytes.
 	maxHeader = 16 << 10
-	// maxConns bounds the connections served at once; more are closed
-	// at accept.
+	// maxConns bounds the connections served at once. Past it, the
+	// oldest is closed to make room: clients that open connections and
+	// send nothing cannot keep the kubelet's probes out (it would restart
+	// the agent), since each probe sends its request at once.
 	maxConns = 32
+	// maxDrain bounds what is read from a client after its answer, as
+	// net/http bounds it.
+	maxDrain = 256 << 10
 	// metricsType is the Prometheus text format's content type.
 	metricsType = "text/plain; version=0.0.4; charset=utf-8"
 	// dateFormat is HTTP's date (RFC 9110's IMF-fixdate).
@@ -56,10 +61,9 @@ type Server struct {
 	lis     net.Listener
 	h       Handlers
 	timeout time.Duration
-	slots   chan struct{}
 
 	mu     sync.Mutex
-	conns  map[net.Conn]struct{}
+	conns  map[net.Conn]time.Time // open connections, by when accepted
 	closed bool
 	wg     sync.WaitGroup
 }
@@ -75,7 +79,7 @@ func Listen(addr string, h Handlers) (*Server, error) {
 }
 
 func serve(lis net.Listener, h Handlers, timeout time.Duration) *Server {
-	s := &Server{lis: lis, h: h, timeout: timeout, slots: make(chan struct{}, maxConns), conns: map[net.Conn]struct{}{}}
+	s := &Server{lis: lis, h: h, timeout: timeout, conns: map[net.Conn]time.Time{}}
 	s.wg.Add(1)
 	go s.accept()
 	return s
@@ -113,34 +117,39 @@ func (s *Server) accept() {
 			continue
 		}
 		delay = 0
-		select {
-		case s.slots <- struct{}{}:
-		default:
-			_ = c.Close() // busy: the prober tries again
-			continue
-		}
 		if !s.track(c) {
 			_ = c.Close()
-			<-s.slots
 			return
 		}
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
-			defer func() { <-s.slots }()
 			defer s.untrack(c)
 			s.serveConn(c)
 		}()
 	}
 }
 
+// track adds a connection, closing the oldest when maxConns are open; it
+// reports false once the server is closed.
 func (s *Server) track(c net.Conn) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return false
 	}
-	s.conns[c] = struct{}{}
+	if len(s.conns) >= maxConns {
+		var oldest net.Conn
+		var at time.Time
+		for o, t := range s.conns {
+			if oldest == nil || t.Before(at) {
+				oldest, at = o, t
+			}
+		}
+		_ = oldest.Close() // its goroutine ends and untracks it
+		delete(s.conns, oldest)
+	}
+	s.conns[c] = time.Now()
 	return true
 }
 
@@ -187,10 +196,10 @@ func (s *Server) serveConn(c net.Conn) {
 	// Close our side and let the client close its own once it has read
 	// the answer: closed with unread bytes from the client (a body), the
 	// socket would reset the connection, and the answer could be lost.
-	// The deadline still bounds the wait.
+	// The deadline and maxDrain still bound the wait.
 	if tc, ok := c.(*net.TCPConn); ok {
 		_ = tc.CloseWrite()
-		_, _ = io.Copy(io.Discard, c)
+		_, _ = io.CopyN(io.Discard, c, maxDrain)
 	}
 }
 

@@ -21,9 +21,9 @@ type namer struct {
 
 	// names is the pci.ids lookup of the scan in progress, dropped after
 	// it (forget): NVIDIA's names are read from the raw block and cost
-	// nothing to keep, but another vendor's come from go-nvlib's whole
-	// database, about 6 MiB parsed, for a handful of names that models
-	// keeps.
+	// nothing to keep, but another vendor's come from a whole parsed
+	// database (the system's pci.ids or go-nvlib's), about 6 MiB, for a
+	// handful of names that models keeps.
 	names  *vfio.Names
 	models map[[2]uint16]string // vendor, device → name part
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -214,11 +215,16 @@ type written struct {
 }
 
 // fileID tells a file from another one or from itself changed: a rename
-// over it gives a new inode, an edit in place a new size or time.
+// over it gives a new inode, an edit in place a new size or times (the
+// change time, which no one can set back, with the modification time).
 type fileID struct {
-	dev, ino uint64
-	size     int64
-	mtime    int64 // ns
+	dev, ino     uint64
+	size         int64
+	mtime, ctime int64 // ns
+}
+
+func idOf(st *unix.Stat_t) fileID {
+	return fileID{dev: st.Dev, ino: st.Ino, size: st.Size, mtime: st.Mtim.Nano(), ctime: st.Ctim.Nano()}
 }
 
 func identify(path string) (fileID, bool) {
@@ -226,7 +232,23 @@ func identify(path string) (fileID, bool) {
 	if err := unix.Stat(path, &st); err != nil {
 		return fileID{}, false
 	}
-	return fileID{dev: st.Dev, ino: st.Ino, size: st.Size, mtime: st.Mtim.Nano()}, true
+	return idOf(&st), true
+}
+
+// readFile reads a file and the identity of what it read: both come from
+// one open file, so a replacement in between cannot be taken for it.
+func readFile(path string) ([]byte, fileID, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fileID{}, err
+	}
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return nil, fileID{}, err
+	}
+	data, err := io.ReadAll(f)
+	return data, idOf(&st), err
 }
 
 // NewWriter returns a Writer for the spec directory root (DefaultRoot on a
@@ -270,8 +292,8 @@ func (w *Writer) Write(spec *specs.Spec) (bool, error) {
 	}
 	// The cache writes YAML as a document with a leading marker.
 	data = append([]byte("---\n"), data...)
-	if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, data) {
-		w.remember(path, spec)
+	if old, id, err := readFile(path); err == nil && bytes.Equal(old, data) {
+		w.on[path] = written{spec: spec, file: id}
 		return false, nil
 	}
 	if err := w.cache.WriteSpec(spec, filepath.Base(path)); err != nil {
@@ -281,15 +303,12 @@ func (w *Writer) Write(spec *specs.Spec) (bool, error) {
 	if err := atomicfile.Sync(path); err != nil {
 		return true, fmt.Errorf("write CDI spec %s: %w", spec.Kind, err)
 	}
-	w.remember(path, spec)
-	return true, nil
-}
-
-// remember records that path holds spec now.
-func (w *Writer) remember(path string, spec *specs.Spec) {
-	if id, ok := identify(path); ok {
+	// Remembered only if the file still holds what was written: another
+	// writer may have replaced it since the rename.
+	if now, id, err := readFile(path); err == nil && bytes.Equal(now, data) {
 		w.on[path] = written{spec: spec, file: id}
 	}
+	return true, nil
 }
 
 // Remove deletes the spec of kind. A spec that is not there is not an error.

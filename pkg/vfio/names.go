@@ -25,8 +25,9 @@ var nvidiaPCIIDs []byte
 // with that parser, the block alone took 1.7 to 5.5 ms of every start of the
 // device plugin (its resources are named before it registers), and the
 // whole database 17 ms and 6 MiB. A file given with --pci-ids is read the
-// same way. Another vendor's device, without a file, is looked up in
-// go-nvlib's whole database, parsed once when first needed.
+// same way. Another vendor's device, without a file, is looked up by
+// go-nvlib's parser in the system's pci.ids, else in go-nvlib's copy,
+// parsed once when first needed.
 type Names struct {
 	path string
 
@@ -75,8 +76,10 @@ func (n *Names) Name(vendor, device uint16) string {
 
 // deviceName finds the device's line in a vendor's block of pci.ids: one
 // tab, four hex digits, the name (subsystem lines have two tabs). Its id
-// and name are trimmed as go-nvlib's parser trims them.
+// and name are trimmed as go-nvlib's parser trims them, and of two lines
+// for one device the last wins, as there.
 func deviceName(section []byte, device uint16) string {
+	name := ""
 	for len(section) > 0 {
 		line := section
 		if i := bytes.IndexByte(section, '\n'); i >= 0 {
@@ -89,10 +92,10 @@ func deviceName(section []byte, device uint16) string {
 		}
 		entry := bytes.TrimSpace(line)
 		if id, ok := hex4(entry); ok && id == device {
-			return string(bytes.TrimSpace(entry[4:]))
+			name = string(bytes.TrimSpace(entry[4:]))
 		}
 	}
-	return ""
+	return name
 }
 
 // hex4 parses the four hex digits that start b.

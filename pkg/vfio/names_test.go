@@ -94,6 +94,7 @@ const distroPCIIDs = `#
 	2336  	 GH100 [H100 SXM5 96GB]  
 		2236 0001  not a device line
 	22a3  GH100 [H100 NVSwitch]
+	22a3  GH100 [H100 NVSwitch], listed twice
 10df  Emulex Corporation
 	2236  not NVIDIA's
 1af4  Red Hat, Inc.
@@ -132,7 +133,8 @@ func TestNamesFromAPCIIDsFile(t *testing.T) {
 	}{
 		{vfio.VendorNVIDIA, 0x2330, "GH100[H100 SXM5 80GB]"}, // the distribution's spelling, as given
 		{vfio.VendorNVIDIA, 0x2336, "GH100 [H100 SXM5 96GB]"},
-		{vfio.VendorNVIDIA, 0x1647, ""}, // a subsystem line, not a device
+		{vfio.VendorNVIDIA, 0x22a3, "GH100 [H100 NVSwitch], listed twice"}, // the last line wins
+		{vfio.VendorNVIDIA, 0x1647, ""},                                    // a subsystem line, not a device
 		{vfio.VendorNVIDIA, 0x0001, ""},
 		{0x10df, 0x2236, "not NVIDIA's"},
 		{0x8086, 0x1572, ""}, // a vendor the file does not have

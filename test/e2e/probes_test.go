@@ -77,16 +77,16 @@ func TestPluginProbesWithTheKubeletsProber(t *testing.T) {
 			t.Logf("plugin log:\n%s", out.String())
 		}
 	})
-	waitLog(t, &out, "serving /healthz, /readyz and /metrics", "waiting for the kubelet's socket")
+	waitLog(t, &out, "serving /healthz, /readyz and /metrics")
+	// The first scan done, readiness says what it waits for.
+	waitBody(t, fmt.Sprintf("http://127.0.0.1:%d%s", port, c.ReadinessProbe.HTTPGet.Path),
+		"not registered with the kubelet: nvidia.com/GA102GL_A10")
 
 	if r, body := kubeletProbe(t, c, c.LivenessProbe, port); r != probe.Success {
 		t.Errorf("liveness: %s %q; want success", r, body)
 	}
 	if r, out := kubeletProbe(t, c, c.ReadinessProbe, port); r != probe.Failure || !strings.Contains(out, "503") {
 		t.Errorf("readiness without a kubelet: %s %q; want a failure on 503", r, out)
-	}
-	if body := httpGet(t, fmt.Sprintf("http://127.0.0.1:%d%s", port, c.ReadinessProbe.HTTPGet.Path)); !strings.Contains(body, "not registered with the kubelet: nvidia.com/GA102GL_A10") {
-		t.Errorf("readiness without a kubelet says %q; want why", body)
 	}
 
 	deviceplugintest.Start(t, pluginDir)
@@ -102,6 +102,9 @@ func TestPluginProbesWithTheKubeletsProber(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 
+	// Counted once the registration's event is handled, a moment after
+	// the kubelet has it.
+	waitBody(t, fmt.Sprintf("http://127.0.0.1:%d/metrics", port), `gpu_sandbox_registrations_total{resource="nvidia.com/GA102GL_A10"} 1`)
 	metrics := httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/metrics", port))
 	parser := expfmt.NewTextParser(model.UTF8Validation)
 	families, err := parser.TextToMetricFamilies(strings.NewReader(metrics))

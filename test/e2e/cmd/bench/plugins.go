@@ -445,13 +445,13 @@ func (b *bench) idle() {
 	}
 	defer k.stop()
 	time.Sleep(idleFor)
-	var later [2]memory
+	var after [2]memory
 	for i, c := range cands {
-		later[i] = vmRSS(b, c.cmd.Process.Pid)
+		after[i] = vmRSS(b, c.cmd.Process.Pid)
 	}
 	show := func(m memory) string { return fmt.Sprintf("%s / %s", mib(m.rss), mib(m.anon)) }
 	b.add(row{fmt.Sprintf("device plugin idle VmRSS / RssAnon, HGX preset (8 GPUs, 4 NVSwitches; poll 4/s, rescan every 30 s): 2 s after registered → %s later", idleFor),
-		show(at2[0]) + " → " + show(later[0]), show(at2[1]) + " → " + show(later[1]) + " (empty plugin, same kubelet)",
-		fmt.Sprintf("%+.1f / %+.1f MiB", float64(later[0].rss-at2[0].rss)/1024, float64(later[0].anon-at2[0].anon)/1024),
+		show(at2[0]) + " → " + show(after[0]), show(at2[1]) + " → " + show(after[1]) + " (empty plugin, same kubelet)",
+		fmt.Sprintf("%+.1f / %+.1f MiB", float64(after[0].rss-at2[0].rss)/1024, float64(after[0].anon-at2[0].anon)/1024),
 		"≤ 15 MiB, bounded", "make bench (idle section: both plugins idle, nothing else running)"})
 }

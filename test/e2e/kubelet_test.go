@@ -30,6 +30,7 @@ import (
 
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/deviceplugin"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio/vfiotest"
+	"github.com/gpu-sandbox/gpu-sandbox/test/e2e/testbed"
 )
 
 // The kubelet's device manager is wired to /var/lib/kubelet/device-plugins.
@@ -134,16 +135,15 @@ func (k *kubelet) allocate(t *testing.T, name, res string, n int64) *devicemanag
 	return opts
 }
 
-// startPlugin runs the sandbox device plugin on the fake node's tree, its
-// log read once it has exited (at the end of the test, or by the caller
-// after a SIGTERM and Wait).
-func startPlugin(t *testing.T, pluginDir string, tree *vfiotest.Tree, cdiRoot string) (*exec.Cmd, *strings.Builder) {
+// startPlugin runs the sandbox device plugin on the fake node's tree, with
+// extra flags; it is stopped at the end of the test.
+func startPlugin(t *testing.T, pluginDir string, tree *vfiotest.Tree, cdiRoot string, extra ...string) (*exec.Cmd, *testbed.Output) {
 	t.Helper()
-	plugin := exec.Command(filepath.Join(binDir, "sandbox-device-plugin"),
+	plugin := exec.Command(filepath.Join(binDir, "sandbox-device-plugin"), append([]string{
 		"--device-plugin-path", pluginDir, "--sysfs-root", tree.SysfsRoot, "--dev-root", tree.DevRoot,
-		"--cdi-root", cdiRoot, "--vfio-mode", "legacy", "--log-format", "json")
+		"--cdi-root", cdiRoot, "--vfio-mode", "legacy", "--log-format", "json"}, extra...)...)
 	plugin.Env = cleanEnv()
-	logs := &strings.Builder{}
+	logs := &testbed.Output{}
 	plugin.Stderr = logs
 	if err := plugin.Start(); err != nil {
 		t.Fatal(err)

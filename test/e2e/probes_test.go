@@ -2,10 +2,8 @@ package e2e
 
 import (
 	"fmt"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -18,7 +16,6 @@ import (
 
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/deviceplugin/deviceplugintest"
 	"github.com/gpu-sandbox/gpu-sandbox/pkg/vfio/vfiotest"
-	"github.com/gpu-sandbox/gpu-sandbox/test/e2e/testbed"
 )
 
 // kubeletProbe runs one of a container's probes from the shipped manifests
@@ -61,23 +58,8 @@ func TestPluginProbesWithTheKubeletsProber(t *testing.T) {
 	tree, _ := vfiotest.New(t, vfiotest.BoundToVFIO(vfiotest.A10WithAudio()))
 	pluginDir := t.TempDir()
 	port := freePort(t)
-	cmd := exec.Command(filepath.Join(binDir, "sandbox-device-plugin"),
-		"--device-plugin-path", pluginDir, "--sysfs-root", tree.SysfsRoot, "--dev-root", tree.DevRoot,
-		"--cdi-root", filepath.Join(t.TempDir(), "cdi"), "--health-address", fmt.Sprintf("127.0.0.1:%d", port))
-	cmd.Env = cleanEnv()
-	var out testbed.Output
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		cmd.Wait()
-		if t.Failed() {
-			t.Logf("plugin log:\n%s", out.String())
-		}
-	})
-	waitLog(t, &out, "serving /healthz, /readyz and /metrics")
+	_, out := startPlugin(t, pluginDir, tree, filepath.Join(t.TempDir(), "cdi"), "--health-address", fmt.Sprintf("127.0.0.1:%d", port))
+	waitLog(t, out, "serving /healthz, /readyz and /metrics")
 	// The first scan done, readiness says what it waits for.
 	waitBody(t, fmt.Sprintf("http://127.0.0.1:%d%s", port, c.ReadinessProbe.HTTPGet.Path),
 		"not registered with the kubelet: nvidia.com/GA102GL_A10")
